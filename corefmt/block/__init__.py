@@ -1,0 +1,1 @@
+"""The generic block layer: nodes, chains, alignment, tracked requests."""

@@ -1,0 +1,1 @@
+"""The ``corefmt`` command line (qemu-img-style verbs, plus ``io``)."""

@@ -1,0 +1,251 @@
+"""``corefmt``: qemu-img's verbs and options for every installed format."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from corefmt import plugins
+from corefmt.block.chain import open_chain
+from corefmt.cli.iocmd import run_commands
+from corefmt.errors import CorefmtError
+from corefmt.ops import info as info_op
+from corefmt.ops import map as map_op
+from corefmt.ops.compare import compare_nodes
+from corefmt.ops.convert import DEFAULT_WORKERS, convert
+from corefmt.ops.create import create
+from corefmt.options import option_help, parse_option_string
+from corefmt.sizes import parse_size
+
+PROGRAM = "corefmt"
+EXIT_OK = 0
+EXIT_ERROR = 1
+#: compare: 0 identical, 1 different, 2 error (as qemu-img).
+EXIT_COMPARE_DIFFERENT = 1
+EXIT_COMPARE_ERROR = 2
+
+
+class UsageError(CorefmtError):
+    """Bad command-line syntax."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports one line instead of a usage block and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
+def _print_error(message: str) -> None:
+    sys.stderr.write(f"{PROGRAM}: {message}\n")
+
+
+# -- verbs --------------------------------------------------------------------------
+def cmd_formats(args: argparse.Namespace) -> int:
+    registry = plugins.registry()
+    print("Supported formats: " + " ".join(sorted(registry.formats)))
+    for name in sorted(registry.formats):
+        driver = registry.formats[name]
+        print(f"\n{name}:" + ("  (backing files supported)" if driver.supports_backing else ""))
+        for option, help_text, default in option_help(driver.create_options):
+            print(f"  {option:<20} {help_text} (default: {default})")
+    print("\nStorage: " + " ".join(sorted(registry.storages)))
+    return EXIT_OK
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    options = parse_option_string(",".join(args.options)) if args.options else {}
+    create(args.filename, args.format, args.size, options=options,
+           backing=args.backing, backing_format=args.backing_format)
+    if not args.quiet:
+        extra = "".join(f" {key}={value}" for key, value in options.items())
+        if args.backing:
+            extra = f" backing_file={args.backing} backing_fmt={args.backing_format}" + extra
+        with open_chain(args.filename, args.format, read_only=True, backing=False) as node:
+            size = node.virtual_size
+        print(f"Formatting '{args.filename}', fmt={args.format}{extra} size={size}")
+    return EXIT_OK
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    with open_chain(args.filename, args.format, read_only=True) as node:
+        layers = info_op.chain_info(node) if args.backing_chain else [info_op.node_info(node)]
+    if args.output == "json":
+        print(info_op.format_json(layers if args.backing_chain else layers[0]))
+    else:
+        print("\n\n".join(info_op.format_human(layer) for layer in layers))
+    return EXIT_OK
+
+
+def cmd_map(args: argparse.Namespace) -> int:
+    with open_chain(args.filename, args.format, read_only=True) as node:
+        entries = list(map_op.map_entries(node))
+    if args.output == "json":
+        print(map_op.format_json(entries))
+    else:
+        print(map_op.format_human(entries))
+    return EXIT_OK
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    options = parse_option_string(",".join(args.options)) if args.options else {}
+    sparse = parse_size(args.sparse_size, "sparse size") if args.sparse_size else 4096
+    progress = _ProgressBar() if args.progress else None
+    try:
+        convert(args.source, args.target, source_format=args.format,
+                target_format=args.output_format, options=options, sparse_size=sparse,
+                workers=args.workers, progress=progress)
+    finally:
+        if progress:
+            progress.close()
+    return EXIT_OK
+
+
+class _ProgressBar:
+    """tqdm bar in bytes (qemu-img -p's percentage, with rate and time left)."""
+
+    def __init__(self) -> None:
+        self._bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self._bar is None:
+            self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                             file=sys.stderr, dynamic_ncols=True)
+        self._bar.update(done - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    try:
+        with open_chain(args.first, args.format, read_only=True) as first, \
+                open_chain(args.second, args.second_format or args.format,
+                           read_only=True) as second:
+            result = compare_nodes(first, second, strict=args.strict)
+    except CorefmtError as error:
+        _print_error(str(error))
+        return EXIT_COMPARE_ERROR
+    quiet = args.quiet
+    if result.size_mismatch and args.strict:
+        if not quiet:
+            print("Strict mode: Image size mismatch!")
+        return EXIT_COMPARE_DIFFERENT
+    if result.size_mismatch and not quiet:
+        print("Warning: Image size mismatch!")
+    if result.identical:
+        if not quiet:
+            print("Images are identical.")
+        return EXIT_OK
+    if not quiet:
+        print(f"Content mismatch at offset {result.mismatch_offset}!")
+    return EXIT_COMPARE_DIFFERENT
+
+
+def cmd_io(args: argparse.Namespace) -> int:
+    with open_chain(args.filename, args.format, read_only=args.read_only,
+                    copy_on_read=args.copy_on_read) as node:
+        status = run_commands(node, args.commands or [])
+        if not args.read_only:
+            node.flush()
+    return status
+
+
+# -- parser -------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROGRAM, description="Create, convert, inspect and use disk images.")
+    verbs = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+
+    formats = verbs.add_parser("formats", help="list installed formats and their options")
+    formats.set_defaults(run=cmd_formats)
+
+    created = verbs.add_parser("create", help="create a new image")
+    created.add_argument("-f", dest="format", default="raw", help="format (default raw)")
+    created.add_argument("-o", dest="options", action="append", help="options key=value,...")
+    created.add_argument("-b", dest="backing", help="backing file")
+    created.add_argument("-F", dest="backing_format", help="backing file format")
+    created.add_argument("-q", dest="quiet", action="store_true")
+    created.add_argument("filename")
+    created.add_argument("size", nargs="?")
+    created.set_defaults(run=cmd_create)
+
+    information = verbs.add_parser("info", help="show facts about an image")
+    information.add_argument("-f", dest="format")
+    information.add_argument("--output", choices=("human", "json"), default="human")
+    information.add_argument("--backing-chain", action="store_true")
+    information.add_argument("-U", "--force-share", action="store_true",
+                             help="accepted for qemu-img compatibility")
+    information.add_argument("filename")
+    information.set_defaults(run=cmd_info)
+
+    mapping = verbs.add_parser("map", help="show where the image's data lives")
+    mapping.add_argument("-f", dest="format")
+    mapping.add_argument("--output", choices=("human", "json"), default="human")
+    mapping.add_argument("-U", "--force-share", action="store_true")
+    mapping.add_argument("filename")
+    mapping.set_defaults(run=cmd_map)
+
+    converting = verbs.add_parser("convert", help="convert an image to another format")
+    converting.add_argument("-f", dest="format")
+    converting.add_argument("-O", dest="output_format", default="raw")
+    converting.add_argument("-o", dest="options", action="append")
+    converting.add_argument("-p", dest="progress", action="store_true")
+    converting.add_argument("-q", dest="quiet", action="store_true")
+    converting.add_argument("-S", dest="sparse_size",
+                            help="zero runs this long are left unallocated (0: off)")
+    converting.add_argument("-m", dest="workers", type=int, default=DEFAULT_WORKERS,
+                            help="requests in flight")
+    converting.add_argument("-U", "--force-share", action="store_true")
+    converting.add_argument("source")
+    converting.add_argument("target")
+    converting.set_defaults(run=cmd_convert)
+
+    comparing = verbs.add_parser("compare", help="compare two images' content")
+    comparing.add_argument("-f", dest="format")
+    comparing.add_argument("-F", dest="second_format")
+    comparing.add_argument("-s", dest="strict", action="store_true")
+    comparing.add_argument("-q", dest="quiet", action="store_true")
+    comparing.add_argument("-U", "--force-share", action="store_true")
+    comparing.add_argument("first")
+    comparing.add_argument("second")
+    comparing.set_defaults(run=cmd_compare)
+
+    io_verb = verbs.add_parser("io", help="run qemu-io style commands on an image")
+    io_verb.add_argument("-f", dest="format")
+    io_verb.add_argument("-c", dest="commands", action="append")
+    io_verb.add_argument("-r", dest="read_only", action="store_true")
+    io_verb.add_argument("-C", dest="copy_on_read", action="store_true")
+    io_verb.add_argument("filename")
+    io_verb.set_defaults(run=cmd_io)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    verb = next((word for word in arguments if not word.startswith("-")), None)
+    try:
+        args = parser.parse_args(arguments)
+        return args.run(args)
+    except UsageError as error:
+        _print_error(str(error).removeprefix(f"{PROGRAM}: "))
+        return EXIT_COMPARE_ERROR if verb == "compare" else EXIT_ERROR
+    except CorefmtError as error:
+        _print_error(str(error))
+        return EXIT_COMPARE_ERROR if verb == "compare" else EXIT_ERROR
+    except KeyboardInterrupt:
+        _print_error("interrupted")
+        return 130
+    except BrokenPipeError:
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+

@@ -1,0 +1,50 @@
+"""Exception types. Every error corefmt raises on purpose is a CorefmtError,
+so callers (and the CLI) can tell a clear refusal from a bug."""
+
+from __future__ import annotations
+
+
+class CorefmtError(Exception):
+    """Base class: the message is meant to be shown to a user as one line."""
+
+
+class UnknownFormatError(CorefmtError):
+    """A format or storage driver name that no installed plugin provides."""
+
+
+class OptionError(CorefmtError):
+    """A create/open option that is unknown, malformed or out of range."""
+
+
+class ImageError(CorefmtError):
+    """An image whose on-disk structures are impossible or unsupported."""
+
+    def __init__(self, path: str | None, structure: str, offset: int | None, problem: str):
+        where = f" at offset {offset:#x}" if offset is not None else ""
+        name = path or "<image>"
+        super().__init__(f"{name}: {structure}{where}: {problem}")
+        self.path = path
+        self.structure = structure
+        self.offset = offset
+
+
+class BackingChainError(CorefmtError):
+    """A backing chain that cannot be opened: missing file, loop, too deep."""
+
+
+class ReadOnlyError(CorefmtError):
+    """A write was attempted on something opened read-only."""
+
+
+class RangeError(CorefmtError):
+    """A request that reaches outside the image."""
+
+
+class StorageError(CorefmtError):
+    """An I/O error from the storage below, with the file it happened on."""
+
+    def __init__(self, path: str | None, operation: str, error: OSError):
+        self.errno = error.errno
+        self.os_error = error
+        reason = error.strerror or str(error)
+        super().__init__(f"{path or '<storage>'}: {operation} failed: {reason}")

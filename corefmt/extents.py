@@ -1,0 +1,95 @@
+"""Block status: what a range of an image holds, as extents."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import attrs
+
+if TYPE_CHECKING:
+    from corefmt.block.node import BlockNode
+
+
+@attrs.frozen(slots=True)
+class Extent:
+    """One run of bytes with the same status in one layer.
+
+    ``allocated`` means this layer decides the content (it does not fall
+    through to the backing image); ``zero`` means reads return zeros;
+    ``data`` means the bytes are stored (they may still happen to be zero).
+    ``host_offset`` is where the data lives in the layer's storage, if that
+    is a simple mapping.
+    """
+
+    offset: int
+    length: int
+    data: bool
+    zero: bool
+    allocated: bool = True
+    host_offset: int | None = None
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+    def same_kind(self, other: Extent) -> bool:
+        """Whether two extents can be reported as one run."""
+        if (self.data, self.zero, self.allocated) != (other.data, other.zero, other.allocated):
+            return False
+        if self.host_offset is None or other.host_offset is None:
+            return self.host_offset is None and other.host_offset is None
+        return self.host_offset + self.length == other.host_offset
+
+
+@attrs.frozen(slots=True)
+class ChainExtent:
+    """Block status merged over a backing chain.
+
+    ``node`` is the layer that holds the content (None past the end of every
+    layer: reads as zero); ``depth`` counts layers from the top (0 = top).
+    """
+
+    offset: int
+    length: int
+    data: bool
+    zero: bool
+    depth: int
+    node: BlockNode | None
+    host_offset: int | None = None
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+    @property
+    def present(self) -> bool:
+        return self.node is not None
+
+    def same_kind(self, other: ChainExtent) -> bool:
+        if (self.data, self.zero, self.depth, self.node) != (
+            other.data, other.zero, other.depth, other.node
+        ):
+            return False
+        if self.host_offset is None or other.host_offset is None:
+            return self.host_offset is None and other.host_offset is None
+        return self.host_offset + self.length == other.host_offset
+
+    def clip(self, start: int, end: int) -> ChainExtent:
+        """The part of this extent inside [start, end)."""
+        new_start = max(start, self.offset)
+        new_end = min(end, self.end)
+        host = None if self.host_offset is None else self.host_offset + (new_start - self.offset)
+        return attrs.evolve(self, offset=new_start, length=new_end - new_start, host_offset=host)
+
+
+def merge_runs(extents: list) -> list:
+    """Join neighbours of the same kind so callers see the fewest runs."""
+    merged: list = []
+    for extent in extents:
+        if extent.length == 0:
+            continue
+        if merged and merged[-1].end == extent.offset and merged[-1].same_kind(extent):
+            merged[-1] = attrs.evolve(merged[-1], length=merged[-1].length + extent.length)
+        else:
+            merged.append(extent)
+    return merged

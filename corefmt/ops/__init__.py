@@ -1,0 +1,1 @@
+"""Operations over whole images: create, convert, compare, map, info."""

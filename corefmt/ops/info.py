@@ -1,0 +1,68 @@
+"""Facts about an image and its chain (qemu-img info)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from corefmt.block.node import BlockNode
+from corefmt.sizes import human_size
+
+
+def node_info(node: BlockNode) -> dict[str, Any]:
+    """qemu-img info --output=json's keys, in its order."""
+    image = node._image
+    info: dict[str, Any] = {"virtual-size": node.virtual_size, "filename": node.filename}
+    if image.cluster_size:
+        info["cluster-size"] = image.cluster_size
+    info["format"] = node.format_name
+    actual = node.storage.allocated_size()
+    if actual is not None:
+        info["actual-size"] = actual
+    specific = image.info()
+    if specific:
+        info["format-specific"] = {"type": node.format_name, "data": specific}
+    if image.backing is not None:
+        info["backing-filename"] = image.backing.path
+        if node.backing is not None:
+            info["full-backing-filename"] = node.backing.filename
+        if image.backing.format:
+            info["backing-filename-format"] = image.backing.format
+    info["dirty-flag"] = False
+    return info
+
+
+def chain_info(node: BlockNode) -> list[dict[str, Any]]:
+    return [node_info(layer) for layer in node.chain()]
+
+
+def format_json(info: dict[str, Any] | list[dict[str, Any]]) -> str:
+    return json.dumps(info, indent=4)
+
+
+def format_human(info: dict[str, Any]) -> str:
+    lines = [
+        f"image: {info['filename']}",
+        f"file format: {info['format']}",
+        f"virtual size: {human_size(info['virtual-size'])} ({info['virtual-size']} bytes)",
+    ]
+    if "actual-size" in info:
+        lines.append(f"disk size: {human_size(info['actual-size'])}")
+    if "cluster-size" in info:
+        lines.append(f"cluster_size: {info['cluster-size']}")
+    if "backing-filename" in info:
+        backing = info["backing-filename"]
+        full = info.get("full-backing-filename")
+        if full and full != backing:
+            backing += f" (actual path: {full})"
+        lines.append(f"backing file: {backing}")
+        if "backing-filename-format" in info:
+            lines.append(f"backing file format: {info['backing-filename-format']}")
+    specific = info.get("format-specific")
+    if specific and specific.get("data"):
+        lines.append("Format specific information:")
+        for key, value in specific["data"].items():
+            if isinstance(value, bool):
+                value = "true" if value else "false"
+            lines.append(f"    {key}: {value}")
+    return "\n".join(lines)

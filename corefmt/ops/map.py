@@ -1,0 +1,79 @@
+"""Mapping an image: where each guest range lives in the chain (qemu-img map)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from corefmt.block.node import BlockNode
+from corefmt.ops.convert import STATUS_WINDOW
+
+
+def map_entries(node: BlockNode) -> Iterator[dict[str, Any]]:
+    """qemu-img map --output=json entries, neighbours of one kind merged."""
+    pending: dict[str, Any] | None = None
+    position, size = 0, node.virtual_size
+    while position < size:
+        window = min(STATUS_WINDOW, size - position)
+        for extent in node.block_status(position, window):
+            entry: dict[str, Any] = {
+                "start": extent.offset,
+                "length": extent.length,
+                "depth": extent.depth,
+                "present": extent.node is not None,
+                "zero": extent.zero,
+                "data": extent.data,
+            }
+            if extent.host_offset is not None:
+                entry["offset"] = extent.host_offset
+            entry["_file"] = extent.node.filename if extent.node is not None else None
+            if pending is not None and _continues(pending, entry):
+                pending["length"] += entry["length"]
+                continue
+            if pending is not None:
+                yield pending
+            pending = entry
+        position += window
+    if pending is not None:
+        yield pending
+
+
+def _continues(previous: dict[str, Any], entry: dict[str, Any]) -> bool:
+    keys = ("depth", "present", "zero", "data", "_file")
+    if any(previous[key] != entry[key] for key in keys):
+        return False
+    if ("offset" in previous) != ("offset" in entry):
+        return False
+    return "offset" not in entry or previous["offset"] + previous["length"] == entry["offset"]
+
+
+def format_json(entries: list[dict[str, Any]]) -> str:
+    """Byte-for-byte qemu-img's layout: one entry a line, in a JSON list."""
+    lines = []
+    for entry in entries:
+        fields = [f'"start": {entry["start"]}', f'"length": {entry["length"]}',
+                  f'"depth": {entry["depth"]}', f'"present": {_bool(entry["present"])}',
+                  f'"zero": {_bool(entry["zero"])}', f'"data": {_bool(entry["data"])}']
+        if "offset" in entry:
+            fields.append(f'"offset": {entry["offset"]}')
+        lines.append("{ " + ", ".join(fields) + "}")
+    return "[" + ",\n".join(lines) + "]"
+
+
+def format_human(entries: list[dict[str, Any]]) -> str:
+    """qemu-img map's table: only ranges whose data is stored somewhere."""
+    rows = [f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File"]
+    for entry in entries:
+        if not entry["data"] or "offset" not in entry:
+            continue
+        rows.append(f"{_hex(entry['start']):<16}{_hex(entry['length']):<16}"
+                    f"{_hex(entry['offset']):<16}{entry['_file']}")
+    return "\n".join(rows)
+
+
+def _hex(value: int) -> str:
+    return "0" if value == 0 else f"{value:#x}"
+
+
+def _bool(value: bool) -> str:
+    return "true" if value else "false"

@@ -1,0 +1,123 @@
+"""Create options: ``-o key=value,...`` text into a driver's attrs class.
+
+Each format declares its options as an attrs class whose fields carry
+converters and validators, so bad options fail here, at one boundary, with
+a message that names the option and the format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import attrs
+
+from corefmt.errors import OptionError
+from corefmt.sizes import parse_size
+
+_TRUE_WORDS = {"on", "yes", "true", "1"}
+_FALSE_WORDS = {"off", "no", "false", "0"}
+
+
+@attrs.frozen
+class NoOptions:
+    """For formats that take no create options."""
+
+
+def parse_option_string(text: str) -> dict[str, str]:
+    """'a=1,b=x,,y' -> {'a': '1', 'b': 'x,y'} (',,' escapes a comma, as in qemu)."""
+    result: dict[str, str] = {}
+    if not text:
+        return result
+    parts: list[str] = []
+    current = ""
+    index = 0
+    while index < len(text):
+        char = text[index]
+        if char == "," and text[index + 1:index + 2] == ",":
+            current += ","
+            index += 2
+            continue
+        if char == ",":
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+        index += 1
+    parts.append(current)
+    for part in parts:
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not key or not sep:
+            raise OptionError(f"Invalid option '{part}': expected key=value")
+        result[key] = value
+    return result
+
+
+def to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower()
+    if word in _TRUE_WORDS:
+        return True
+    if word in _FALSE_WORDS:
+        return False
+    raise ValueError(f"'{value}' is not on/off")
+
+
+def to_size(value: Any) -> int:
+    return parse_size(value if isinstance(value, int) else str(value))
+
+
+def choice(*allowed: str) -> Callable[[Any, attrs.Attribute, Any], None]:
+    """A validator that accepts only the listed words."""
+
+    def check(_instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value not in allowed:
+            raise ValueError(f"'{value}' is not one of: {', '.join(allowed)}")
+
+    return check
+
+
+def option(default: Any, help: str, converter: Callable | None = None,
+           validator: Callable | None = None) -> Any:
+    """An attrs field that is also a documented create option."""
+    return attrs.field(default=default, converter=converter, validator=validator,
+                       metadata={"help": help})
+
+
+def option_help(cls: type) -> list[tuple[str, str, Any]]:
+    """(name, help, default) for every option of a driver's options class."""
+    return [(f.name, f.metadata.get("help", ""), f.default) for f in attrs.fields(cls)]
+
+
+def build_options(cls: type, values: Mapping[str, Any], format_name: str) -> Any:
+    """Instantiate ``cls`` from user-given values, with errors that say which."""
+    known = {f.name: f for f in attrs.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            choices = ", ".join(sorted(known)) or "none"
+            raise OptionError(
+                f"Invalid parameter '{key}' for format {format_name} (supported: {choices})"
+            )
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as error:
+        bad = _guess_option(error, kwargs)
+        prefix = f"Invalid value for option '{bad}'" if bad else "Invalid options"
+        raise OptionError(f"{prefix} of format {format_name}: {error}") from None
+    except OptionError as error:
+        raise OptionError(f"Invalid options of format {format_name}: {error}") from None
+
+
+def _guess_option(error: Exception, kwargs: Iterable[str]) -> str | None:
+    text = str(error)
+    for name in kwargs:
+        if f"'{name}'" in text or text.startswith(name):
+            return name
+    return None

@@ -1,0 +1,74 @@
+"""What the installed plugins provide: format drivers, storage drivers, filters."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from corefmt.errors import CorefmtError, UnknownFormatError
+
+if TYPE_CHECKING:
+    from corefmt.driver import FormatDriver
+    from corefmt.storage.base import StorageDriver
+
+#: How many bytes of an image probes get to see.
+PROBE_HEAD_SIZE = 4096
+
+
+class Registry:
+    """Filled by ``corefmt_register`` hooks; read by everything else."""
+
+    def __init__(self) -> None:
+        self.formats: dict[str, FormatDriver] = {}
+        self.storages: dict[str, StorageDriver] = {}
+        self.filters: dict[str, Callable[..., Any]] = {}
+
+    # -- registration ---------------------------------------------------------
+    def add_format(self, driver: FormatDriver) -> None:
+        if not driver.name:
+            raise CorefmtError(f"format driver {driver!r} has no name")
+        if driver.name in self.formats:
+            raise CorefmtError(f"format '{driver.name}' is registered twice")
+        self.formats[driver.name] = driver
+
+    def add_storage(self, driver: StorageDriver) -> None:
+        if driver.name in self.storages:
+            raise CorefmtError(f"storage driver '{driver.name}' is registered twice")
+        self.storages[driver.name] = driver
+
+    def add_filter(self, name: str, factory: Callable[..., Any]) -> None:
+        if name in self.filters:
+            raise CorefmtError(f"filter '{name}' is registered twice")
+        self.filters[name] = factory
+
+    # -- lookup ---------------------------------------------------------------
+    def format(self, name: str) -> FormatDriver:
+        try:
+            return self.formats[name]
+        except KeyError:
+            known = ", ".join(sorted(self.formats)) or "none"
+            raise UnknownFormatError(
+                f"Unknown file format '{name}' (installed formats: {known})"
+            ) from None
+
+    def storage_for(self, path: str) -> StorageDriver:
+        """The storage driver a path belongs to: by prefix, else ``file``."""
+        for driver in self.storages.values():
+            if driver.prefix and path.startswith(driver.prefix):
+                return driver
+        try:
+            return self.storages["file"]
+        except KeyError:
+            raise UnknownFormatError("no 'file' storage driver is installed") from None
+
+    def probe(self, head: bytes, path: str | None) -> FormatDriver:
+        """The format whose probe scores highest (raw is the fallback)."""
+        best: FormatDriver | None = None
+        best_score = 0
+        for driver in self.formats.values():
+            score = driver.probe(head, path)
+            if score > best_score:
+                best, best_score = driver, score
+        if best is None:
+            raise UnknownFormatError(f"Could not determine the format of '{path}'")
+        return best

@@ -1,0 +1,161 @@
+"""The interface every storage driver implements.
+
+A format driver never opens files itself: it is handed a Storage and reads
+and writes bytes through it. Reads past the end of storage return zeros,
+as reads of a sparse file's tail would.
+"""
+
+from __future__ import annotations
+
+import abc
+
+from corefmt.errors import RangeError, ReadOnlyError
+
+ZERO_CHUNK_SIZE = 1024 * 1024
+_ZERO_CHUNK = bytes(ZERO_CHUNK_SIZE)
+
+
+class Storage(abc.ABC):
+    """An open byte store (file, memory, ...)."""
+
+    #: What reads and writes must be aligned to (O_DIRECT needs 512/4096).
+    request_alignment: int = 1
+
+    def __init__(self, path: str | None, read_only: bool):
+        self.path = path
+        self.read_only = read_only
+
+    # -- required -----------------------------------------------------------
+    @abc.abstractmethod
+    def size(self) -> int:
+        """Current length in bytes."""
+
+    @abc.abstractmethod
+    def readinto(self, offset: int, buf: bytearray | memoryview) -> None:
+        """Fill ``buf`` from ``offset``; bytes past the end read as zeros."""
+
+    @abc.abstractmethod
+    def _write(self, offset: int, data: bytes | memoryview) -> None:
+        """Write all of ``data`` at ``offset``, growing the store if needed."""
+
+    @abc.abstractmethod
+    def _truncate(self, size: int) -> None: ...
+
+    def flush(self) -> None:
+        """Make everything written so far durable."""
+
+    def close(self) -> None:
+        """Release the store; the object is unusable afterwards."""
+
+    # -- optional, with generic fallbacks ----------------------------------
+    def _punch_hole(self, offset: int, length: int) -> bool:
+        """Deallocate a range so it reads as zeros; False if unsupported."""
+        return False
+
+    def _zero_range(self, offset: int, length: int) -> bool:
+        """Zero a range while keeping it allocated; False if unsupported."""
+        return False
+
+    def preallocate(self, offset: int, length: int) -> bool:
+        """Reserve space for a range without writing it; False if unsupported."""
+        return False
+
+    def data_extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """(offset, length, is_data) runs; stores without holes say all data."""
+        return [(offset, length, True)]
+
+    def data_run(self, offset: int, length: int) -> tuple[bool, int]:
+        """Whether ``offset`` is in data or a hole, and how long that run is
+        (at most ``length``); stores without holes say all data."""
+        return True, length
+
+    def allocated_size(self) -> int | None:
+        """Bytes the store really occupies (None if unknown)."""
+        return None
+
+    # -- common behaviour -----------------------------------------------------
+    def read(self, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        self.readinto(offset, buf)
+        return bytes(buf)
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        self._check_writable()
+        if offset < 0:
+            raise RangeError(f"{self.path}: negative write offset {offset}")
+        self._write(offset, data)
+
+    def truncate(self, size: int) -> None:
+        self._check_writable()
+        if size < 0:
+            raise RangeError(f"{self.path}: negative size {size}")
+        self._truncate(size)
+
+    def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
+        """Make [offset, offset+length) read as zeros, growing the store if needed."""
+        self._check_writable()
+        if length <= 0:
+            return
+        end = offset + length
+        old_size = self.size()
+        if end > old_size:
+            # Zeros past the end are free: growing the store makes them.
+            self._truncate(end)
+            if offset >= old_size:
+                return
+            length = old_size - offset
+        if unmap and self._punch_hole(offset, length):
+            return
+        if self._zero_range(offset, length):
+            return
+        if self._punch_hole(offset, length):
+            if not unmap:
+                self.preallocate(offset, length)
+            return
+        self.write_zero_bytes(offset, length)
+
+    def write_zero_bytes(self, offset: int, length: int) -> None:
+        """Write real zero bytes (the fallback when no hole or zero range exists)."""
+        position = offset
+        end = offset + length
+        while position < end:
+            step = min(ZERO_CHUNK_SIZE, end - position)
+            self._write(position, memoryview(_ZERO_CHUNK)[:step])
+            position += step
+
+    def discard(self, offset: int, length: int) -> None:
+        """Hint that a range is unused; a no-op where holes are unsupported."""
+        self._check_writable()
+        end = min(offset + length, self.size())
+        if end > offset:
+            self._punch_hole(offset, end - offset)
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise ReadOnlyError(f"{self.path}: opened read-only")
+
+    def __repr__(self) -> str:
+        mode = "ro" if self.read_only else "rw"
+        return f"<{type(self).__name__} {self.path!r} {mode}>"
+
+
+class StorageDriver(abc.ABC):
+    """Opens and creates one kind of Storage (registered by plugins)."""
+
+    name: str = ""
+    #: Paths starting with this prefix go to this driver (e.g. "memory:").
+    prefix: str | None = None
+
+    @abc.abstractmethod
+    def open(self, path: str, *, read_only: bool, direct: bool = False) -> Storage: ...
+
+    @abc.abstractmethod
+    def create(self, path: str) -> Storage:
+        """Create (or truncate to zero) a writable store."""
+
+    @abc.abstractmethod
+    def exists(self, path: str) -> bool: ...
+
+    def resolve(self, path: str, relative_to: str | None) -> str:
+        """Where a backing reference recorded in ``relative_to`` points."""
+        return path

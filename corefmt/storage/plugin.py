@@ -1,0 +1,14 @@
+"""Registers the core's storage drivers through the ordinary plugin hook."""
+
+from __future__ import annotations
+
+from corefmt.hookspecs import hookimpl
+from corefmt.registry import Registry
+from corefmt.storage.file import FileStorageDriver
+from corefmt.storage.memory import MemoryStorageDriver
+
+
+@hookimpl
+def corefmt_register(registry: Registry) -> None:
+    registry.add_storage(FileStorageDriver())
+    registry.add_storage(MemoryStorageDriver())
