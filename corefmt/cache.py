@@ -53,8 +53,6 @@ class MetadataCache:
         if other is self or other._dependency is self:
             raise CorefmtError(f"cache {self.name}: circular flush dependency")
         with self._lock:
-            if self._dependency is not None and self._dependency is not other:
-                self._settle_dependency()
             self._dependency = other
 
     def require_storage_flush(self) -> None:
@@ -63,10 +61,10 @@ class MetadataCache:
             self._flush_storage_first = True
 
     def _settle_dependency(self) -> None:
-        if self._dependency is not None:
-            if self._dependency.dirty_count:
-                self._dependency.flush()
-            self._dependency = None
+        """Make the dependency durable (written, then a storage flush)."""
+        if self._dependency is not None and self._dependency.dirty_count:
+            self._dependency.flush()
+            self._flush_storage_first = True
         if self._flush_storage_first:
             self.storage.flush()
             self._flush_storage_first = False

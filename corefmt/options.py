@@ -71,12 +71,13 @@ def to_size(value: Any) -> int:
     return parse_size(value if isinstance(value, int) else str(value))
 
 
-def choice(*allowed: str) -> Callable[[Any, attrs.Attribute, Any], None]:
+def choice(*allowed: Any) -> Callable[[Any, attrs.Attribute, Any], None]:
     """A validator that accepts only the listed words."""
 
     def check(_instance: Any, attribute: attrs.Attribute, value: Any) -> None:
         if value not in allowed:
-            raise ValueError(f"'{value}' is not one of: {', '.join(allowed)}")
+            names = ", ".join(str(word) for word in allowed)
+            raise ValueError(f"{attribute.name}: '{value}' is not one of: {names}")
 
     return check
 

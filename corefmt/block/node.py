@@ -13,7 +13,7 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from corefmt.block.align import aligned_range, is_aligned, write_unaligned
+from corefmt.block.align import aligned_range, write_unaligned
 from corefmt.block.status_cache import ChainStatusCache
 from corefmt.block.tracked import RequestTracker
 from corefmt.driver import FormatDriver, Image, has_capability
@@ -47,7 +47,7 @@ class BlockNode:
         self._tracker = RequestTracker()
         self._overlays: weakref.WeakSet[BlockNode] = weakref.WeakSet()
         self._status_cache = (
-            ChainStatusCache(self._compute_chain_status, lambda: self.virtual_size)
+            ChainStatusCache(self._walk_chain, lambda: self.virtual_size)
             if read_only else None
         )
         self._closed = False
@@ -58,12 +58,15 @@ class BlockNode:
         self.image = image
 
     def set_backing(self, backing: BlockNode | None) -> None:
-        if self.backing is not None:
-            self.backing._overlays.discard(self)
+        previous = self.backing
+        if previous is not None:
+            previous._overlays.discard(self)
         self.backing = backing
         if backing is not None:
             backing._overlays.add(self)
-        self._invalidate_status()
+        if previous is not None:
+            # Only a re-pointed chain can have cached status that depends on it.
+            self._invalidate_status()
 
     def chain(self) -> list[BlockNode]:
         """This node and every backing node below it, top first."""
@@ -114,26 +117,24 @@ class BlockNode:
             return []
         if self._status_cache is not None:
             return self._status_cache.lookup(offset, length)
-        return self._compute_chain_status(offset, length)
-
-    def _compute_chain_status(self, offset: int, length: int) -> list[ChainExtent]:
         result: list[ChainExtent] = []
         for extent in self.own_status(offset, length):
             if extent.allocated:
                 result.append(ChainExtent(extent.offset, extent.length, extent.data,
                                           extent.zero, 0, self, extent.host_offset))
-            else:
+            elif self.backing is not None and self.backing._status_cache is not None:
                 result.extend(self._status_below(extent.offset, extent.length))
+            else:
+                result.extend(self._walk_chain(extent.offset, extent.length, skip_self=True))
         return merge_runs(result)
 
     def _status_below(self, offset: int, length: int) -> list[ChainExtent]:
-        """Status of a range this node leaves to its backing, depths from here."""
-        end = offset + length
+        """Status of a range this node leaves to its (cached) backing node."""
         below = self.backing
-        if below is None:
-            return [ChainExtent(offset, length, False, True, 0, None)]
-        result: list[ChainExtent] = []
+        assert below is not None
+        end = offset + length
         below_end = min(end, below.virtual_size)
+        result: list[ChainExtent] = []
         if offset < below_end:
             for extent in below.block_status(offset, below_end - offset):
                 result.append(ChainExtent(extent.offset, extent.length, extent.data, extent.zero,
@@ -142,6 +143,52 @@ class BlockNode:
             start = max(offset, below_end)
             result.append(ChainExtent(start, end - start, False, True, 0, None))
         return result
+
+    def _walk_chain(self, offset: int, length: int, skip_self: bool = False) -> list[ChainExtent]:
+        """Merged status computed layer by layer, without recursion (chains may
+        be hundreds of images deep)."""
+        result: list[ChainExtent] = []
+        pending = [(offset, length)]
+        node: BlockNode = self
+        depth = 0
+        if skip_self:
+            if self.backing is None:
+                return [ChainExtent(offset, length, False, True, 0, None)]
+            node, depth = self.backing, 1
+            pending = self._clip_to(node, pending, result, 0)
+        while pending:
+            unallocated: list[tuple[int, int]] = []
+            for start, run in pending:
+                for extent in node.own_status(start, run):
+                    if extent.allocated:
+                        result.append(ChainExtent(extent.offset, extent.length, extent.data,
+                                                  extent.zero, depth, node, extent.host_offset))
+                    else:
+                        unallocated.append((extent.offset, extent.length))
+            below = node.backing
+            if below is None:
+                result.extend(ChainExtent(start, run, False, True, depth, None)
+                              for start, run in unallocated)
+                break
+            pending = self._clip_to(below, unallocated, result, depth)
+            node, depth = below, depth + 1
+        result.sort(key=lambda extent: extent.offset)
+        return merge_runs(result)
+
+    @staticmethod
+    def _clip_to(below: BlockNode, ranges: list[tuple[int, int]], result: list[ChainExtent],
+                 depth: int) -> list[tuple[int, int]]:
+        """Ranges inside ``below``; the parts past its end read as zeros."""
+        size = below.virtual_size
+        inside: list[tuple[int, int]] = []
+        for start, run in ranges:
+            end = start + run
+            if start < size:
+                inside.append((start, min(end, size) - start))
+            if end > max(start, size):
+                tail = max(start, size)
+                result.append(ChainExtent(tail, end - tail, False, True, depth, None))
+        return inside
 
     def _invalidate_status(self) -> None:
         """Forget cached chain status here and in every overlay above."""

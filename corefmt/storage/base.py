@@ -41,10 +41,10 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def _truncate(self, size: int) -> None: ...
 
-    def flush(self) -> None:
+    def flush(self) -> None:  # noqa: B027 - stores without caches have nothing to do
         """Make everything written so far durable."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional, like flush
         """Release the store; the object is unusable afterwards."""
 
     # -- optional, with generic fallbacks ----------------------------------

@@ -74,7 +74,8 @@ class FileStorage(Storage):
     # -- reads ----------------------------------------------------------------
     def readinto(self, offset: int, buf: bytearray | memoryview) -> None:
         view = memoryview(buf).cast("B")
-        if self.direct and not (offset % DIRECT_IO_ALIGNMENT == 0 and len(view) % DIRECT_IO_ALIGNMENT == 0):
+        aligned = offset % DIRECT_IO_ALIGNMENT == 0 and len(view) % DIRECT_IO_ALIGNMENT == 0
+        if self.direct and not aligned:
             start, end = aligned_range(offset, len(view), DIRECT_IO_ALIGNMENT)
             bounce = mmap.mmap(-1, end - start)
             try:
@@ -171,7 +172,8 @@ class FileStorage(Storage):
                 continue
             if code in _UNSUPPORTED:
                 return False
-            raise self._error(f"fallocate({mode:#x}) at offset {offset}", OSError(code, os.strerror(code)))
+            failure = OSError(code, os.strerror(code))
+            raise self._error(f"fallocate({mode:#x}) at offset {offset}", failure)
 
     def _punch_hole(self, offset: int, length: int) -> bool:
         if self._no_punch:
