@@ -24,8 +24,8 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 @hookspec
 def corefmt_register(registry: Registry) -> None:
-    """Add format drivers (``registry.add_format``), storage drivers
-    (``registry.add_storage``) and filters (``registry.add_filter``)."""
+    """Add format drivers (``registry.add_format``) and storage drivers
+    (``registry.add_storage``)."""
 
 
 @hookspec(firstresult=True)

@@ -1,9 +1,8 @@
-"""What the installed plugins provide: format drivers, storage drivers, filters."""
+"""What the installed plugins provide: format drivers and storage drivers."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from corefmt.errors import CorefmtError, UnknownFormatError
 
@@ -21,7 +20,6 @@ class Registry:
     def __init__(self) -> None:
         self.formats: dict[str, FormatDriver] = {}
         self.storages: dict[str, StorageDriver] = {}
-        self.filters: dict[str, Callable[..., Any]] = {}
 
     # -- registration ---------------------------------------------------------
     def add_format(self, driver: FormatDriver) -> None:
@@ -35,11 +33,6 @@ class Registry:
         if driver.name in self.storages:
             raise CorefmtError(f"storage driver '{driver.name}' is registered twice")
         self.storages[driver.name] = driver
-
-    def add_filter(self, name: str, factory: Callable[..., Any]) -> None:
-        if name in self.filters:
-            raise CorefmtError(f"filter '{name}' is registered twice")
-        self.filters[name] = factory
 
     # -- lookup ---------------------------------------------------------------
     def format(self, name: str) -> FormatDriver:
