@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -10,6 +11,7 @@ from typing import NoReturn
 from corefmt import plugins
 from corefmt.block.chain import open_chain
 from corefmt.cli.iocmd import run_commands
+from corefmt.cli.stress import add_stress_parser
 from corefmt.errors import CorefmtError
 from corefmt.ops import info as info_op
 from corefmt.ops import map as map_op
@@ -35,7 +37,9 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports one line instead of a usage block and exit 2."""
 
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
+        verb = self.prog.removeprefix(PROGRAM).strip()
+        where = f"{verb}: " if verb else ""
+        raise UsageError(f"{where}{message} (see '{self.prog} --help')")
 
 
 def _print_error(message: str) -> None:
@@ -89,10 +93,23 @@ def cmd_map(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _same_file(first: str, second: str) -> bool:
+    """Whether two local paths name one file (a convert onto its own source)."""
+    paths = [path.removeprefix("file:") for path in (first, second)]
+    try:
+        return os.path.samefile(*paths)
+    except (OSError, ValueError):
+        return False
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     options = parse_option_string(",".join(args.options)) if args.options else {}
     sparse = parse_size(args.sparse_size, "sparse size") if args.sparse_size else 4096
-    progress = _ProgressBar() if args.progress else None
+    if _same_file(args.source, args.target):
+        # Creating the target would truncate the source before a byte is copied.
+        raise CorefmtError(f"{args.target}: is the source image itself; "
+                           "refusing to convert an image onto itself")
+    progress = _ProgressBar() if args.progress and not args.quiet else None
     try:
         convert(args.source, args.target, source_format=args.format,
                 target_format=args.output_format, options=options, sparse_size=sparse,
@@ -143,7 +160,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
             print("Images are identical.")
         return EXIT_OK
     if not quiet:
-        print(f"Content mismatch at offset {result.mismatch_offset}!")
+        if result.status_mismatch:
+            print(f"Strict mode: Offset {result.mismatch_offset} block status mismatch!")
+        else:
+            print(f"Content mismatch at offset {result.mismatch_offset}!")
     return EXIT_COMPARE_DIFFERENT
 
 
@@ -222,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     io_verb.add_argument("-C", dest="copy_on_read", action="store_true")
     io_verb.add_argument("filename")
     io_verb.set_defaults(run=cmd_io)
+
+    add_stress_parser(verbs)
     return parser
 
 
@@ -232,9 +254,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(arguments)
         return args.run(args)
-    except UsageError as error:
-        _print_error(str(error).removeprefix(f"{PROGRAM}: "))
-        return EXIT_COMPARE_ERROR if verb == "compare" else EXIT_ERROR
     except CorefmtError as error:
         _print_error(str(error))
         return EXIT_COMPARE_ERROR if verb == "compare" else EXIT_ERROR

@@ -47,8 +47,16 @@ def _continues(previous: dict[str, Any], entry: dict[str, Any]) -> bool:
     return "offset" not in entry or previous["offset"] + previous["length"] == entry["offset"]
 
 
+#: What qemu-img map prints for an empty image: its zero-initialised entry.
+EMPTY_IMAGE_ENTRY: dict[str, Any] = {
+    "start": 0, "length": 0, "depth": 0, "present": False, "zero": False, "data": False,
+}
+
+
 def format_json(entries: list[dict[str, Any]]) -> str:
     """Byte-for-byte qemu-img's layout: one entry a line, in a JSON list."""
+    if not entries:
+        entries = [EMPTY_IMAGE_ENTRY]
     lines = []
     for entry in entries:
         fields = [f'"start": {entry["start"]}', f'"length": {entry["length"]}',

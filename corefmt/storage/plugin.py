@@ -6,9 +6,11 @@ from corefmt.hookspecs import hookimpl
 from corefmt.registry import Registry
 from corefmt.storage.file import FileStorageDriver
 from corefmt.storage.memory import MemoryStorageDriver
+from corefmt.storage.simulated import SimStorageDriver
 
 
 @hookimpl
 def corefmt_register(registry: Registry) -> None:
     registry.add_storage(FileStorageDriver())
     registry.add_storage(MemoryStorageDriver())
+    registry.add_storage(SimStorageDriver())

@@ -6,6 +6,7 @@ from typing import Any
 
 import attrs
 
+from corefmt.block.align import align_up
 from corefmt.driver import PROBE_FALLBACK, BackingRef, FormatDriver, Image, ImageContext
 from corefmt.errors import OptionError
 from corefmt.extents import Extent
@@ -13,6 +14,8 @@ from corefmt.options import choice, option
 from corefmt.storage.base import Storage
 
 PREALLOCATION_MODES = ("off", "falloc", "full")
+#: A raw image's size is whole sectors: a file's tail is rounded up (as qemu does).
+SECTOR_SIZE = 512
 
 
 @attrs.frozen
@@ -28,7 +31,7 @@ class RawImage(Image):
 
     @property
     def virtual_size(self) -> int:  # type: ignore[override]
-        return self.storage.size()
+        return align_up(self.storage.size(), SECTOR_SIZE)
 
     def block_status(self, offset: int, length: int) -> Extent:
         is_data, run = self.storage.data_run(offset, length)

@@ -52,6 +52,9 @@ class BlockMapImage(Image):
         count = -(-size // block_size)
         raw = storage.read(TABLE_OFFSET, count * ENTRY.size)
         self.table = [ENTRY.unpack_from(raw, i * ENTRY.size)[0] for i in range(count)]
+        # New blocks go after every block the table knows, never at the file's
+        # end: after a crash the file may be shorter than what the table uses.
+        self.next_free = max([self._data_start(), *(h + block_size for h in self.table if h)])
         self.lock = threading.Lock()
 
     def block_status(self, offset: int, length: int) -> Extent:
@@ -85,8 +88,10 @@ class BlockMapImage(Image):
                     block_start = index * self.block_size
                     block = bytearray(self.context.read_below(block_start, self.block_size))
                     block[inside:inside + step] = view[done:done + step]
-                    host = max(self.storage.size(), self._data_start())
-                    self.storage.write(host, block)  # data before the table entry
+                    host = self.next_free
+                    self.next_free += self.block_size
+                    self.storage.write(host, block)
+                    self.storage.flush()  # the data is durable before the entry points at it
                     self.storage.write(TABLE_OFFSET + index * ENTRY.size, ENTRY.pack(host))
                     self.table[index] = host
                     done += step

@@ -1,0 +1,68 @@
+"""Totals over many seeds, the one-line summary and the replay command."""
+
+from __future__ import annotations
+
+import shlex
+from typing import TYPE_CHECKING
+
+import attrs
+
+if TYPE_CHECKING:
+    from corefmt.stress.runner import SeedResult, StressConfig
+
+
+@attrs.define
+class StressSummary:
+    seeds: int = 0
+    operations: int = 0
+    crashes: int = 0
+    errors_injected: int = 0
+    mismatches: int = 0
+    check_failures: int = 0
+    failed_seeds: list[int] = attrs.field(factory=list)
+
+    def add(self, result: SeedResult) -> None:
+        self.seeds += 1
+        self.operations += result.operations
+        self.crashes += int(result.crashed)
+        self.errors_injected += result.errors_injected
+        self.mismatches += result.mismatch_count
+        self.check_failures += len(result.check_failures)
+        if not result.ok:
+            self.failed_seeds.append(result.seed)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed_seeds
+
+    def line(self) -> str:
+        return (f"operations {self.operations}, crashes {self.crashes}, "
+                f"errors injected {self.errors_injected}, mismatches {self.mismatches}, "
+                f"check failures {self.check_failures}")
+
+
+def replay_command(config: StressConfig, seed: int) -> str:
+    """The one command that runs exactly this seed again."""
+    words = ["corefmt", "stress", "--format", config.format]
+    if config.base:
+        words += ["--base", config.base]
+    words += ["--seed", str(seed), "--size", str(config.size), "--ops", str(config.operations)]
+    if config.crash:
+        words.append("--crash")
+    if config.errors:
+        words.append("--errors")
+    if not config.copy_on_read:
+        words.append("--no-copy-on-read")
+    if not config.delays:
+        words.append("--no-delays")
+    return shlex.join(words)
+
+
+def describe_failure(config: StressConfig, result: SeedResult) -> list[str]:
+    lines = [f"FAIL seed {result.seed}:"]
+    lines += [f"  {message}" for message in result.mismatches + result.check_failures]
+    hidden = result.mismatch_count - len(result.mismatches)
+    if hidden > 0:
+        lines.append(f"  ... and {hidden} more mismatches")
+    lines.append(f"  replay: {replay_command(config, result.seed)}")
+    return lines

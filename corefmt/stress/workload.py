@@ -1,0 +1,94 @@
+"""Seeded workloads: batches of concurrent, overlapping requests.
+
+Each batch runs at once, so its requests race; the generator keeps at most
+``MAX_WRITERS_PER_SECTOR`` writers on any sector within a batch, which keeps
+the model's set of possible orders small.
+"""
+
+from __future__ import annotations
+
+import random
+
+import attrs
+
+SECTOR_SIZE = 512
+MAX_BATCH = 6
+MAX_WRITERS_PER_SECTOR = 3
+SMALL_MAX = 4096
+LARGE_MAX = 128 * 1024
+#: Share of requests aimed at a small hot range, so that requests overlap.
+HOT_RANGE = 64 * 1024
+HOT_SHARE = 0.4
+
+READ, WRITE, ZERO, DISCARD, FLUSH = "read", "write", "zero", "discard", "flush"
+#: Requests that change the image.
+WRITE_KINDS = frozenset({WRITE, ZERO, DISCARD})
+KIND_WEIGHTS = {READ: 34, WRITE: 36, ZERO: 10, DISCARD: 8, FLUSH: 12}
+
+
+@attrs.frozen
+class Op:
+    """One guest request; ``tag`` names it to the simulated storage."""
+
+    tag: int
+    kind: str
+    offset: int = 0
+    length: int = 0
+    data: bytes | None = attrs.field(default=None, repr=False)
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+    def sectors(self) -> range:
+        if self.length == 0:
+            return range(0)
+        return range(self.offset // SECTOR_SIZE, -(-self.end // SECTOR_SIZE))
+
+    def describe(self) -> str:
+        if self.kind == FLUSH:
+            return f"op {self.tag} flush"
+        return f"op {self.tag} {self.kind} {self.offset}+{self.length}"
+
+
+def _extent(rng: random.Random, size: int, aligned: bool) -> tuple[int, int]:
+    """A request range: small or large, sector-aligned or not, often in the hot range."""
+    limit = SMALL_MAX if rng.random() < 0.6 else LARGE_MAX
+    length = rng.randint(1, min(limit, size))
+    window = min(size, HOT_RANGE) if rng.random() < HOT_SHARE else size
+    offset = rng.randrange(0, max(1, window - length + 1))
+    if aligned:
+        offset -= offset % SECTOR_SIZE
+        length = max(SECTOR_SIZE, length - length % SECTOR_SIZE)
+        length = min(length, size - offset)
+    return offset, length
+
+
+def generate(rng: random.Random, size: int, operations: int) -> list[list[Op]]:
+    """About ``operations`` requests in batches of 1..MAX_BATCH concurrent ones."""
+    kinds = list(KIND_WEIGHTS)
+    weights = list(KIND_WEIGHTS.values())
+    batches: list[list[Op]] = []
+    tag = 0
+    while tag < operations:
+        batch: list[Op] = []
+        writers: dict[int, int] = {}
+        for _ in range(min(rng.randint(1, MAX_BATCH), operations - tag)):
+            kind = rng.choices(kinds, weights)[0]
+            if kind == FLUSH:
+                batch.append(Op(tag, FLUSH))
+                tag += 1
+                continue
+            offset, length = _extent(rng, size, aligned=kind == DISCARD or rng.random() < 0.5)
+            if kind in WRITE_KINDS:
+                span = range(offset // SECTOR_SIZE, -(-(offset + length) // SECTOR_SIZE))
+                if any(writers.get(s, 0) >= MAX_WRITERS_PER_SECTOR for s in span):
+                    kind = READ
+                else:
+                    for sector in span:
+                        writers[sector] = writers.get(sector, 0) + 1
+            data = rng.randbytes(length) if kind == WRITE else None
+            batch.append(Op(tag, kind, offset, length, data))
+            tag += 1
+        batches.append(batch)
+    return batches
