@@ -118,3 +118,14 @@ def test_compare_reports_first_differing_sector(tmp_path):
         disk.write(300000, b"y")
     assert corefmt.compare(a, b).mismatch_offset == 300000 - 300000 % 512
     assert corefmt.compare(a, a, strict=True).identical
+
+
+def test_convert_onto_its_own_source_is_refused(tmp_path):
+    path = str(tmp_path / "a.raw")
+    corefmt.create(path, "raw", 64 * KiB)
+    with corefmt.open(path, "raw") as disk:
+        disk.write(0, b"\x55" * 4096)
+    with pytest.raises(corefmt.CorefmtError, match="onto itself"):
+        corefmt.convert(path, path)
+    with corefmt.open(path, "raw", read_only=True) as disk:
+        assert disk.read(0, 4096) == b"\x55" * 4096

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -93,22 +92,9 @@ def cmd_map(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _same_file(first: str, second: str) -> bool:
-    """Whether two local paths name one file (a convert onto its own source)."""
-    paths = [path.removeprefix("file:") for path in (first, second)]
-    try:
-        return os.path.samefile(*paths)
-    except (OSError, ValueError):
-        return False
-
-
 def cmd_convert(args: argparse.Namespace) -> int:
     options = parse_option_string(",".join(args.options)) if args.options else {}
     sparse = parse_size(args.sparse_size, "sparse size") if args.sparse_size else 4096
-    if _same_file(args.source, args.target):
-        # Creating the target would truncate the source before a byte is copied.
-        raise CorefmtError(f"{args.target}: is the source image itself; "
-                           "refusing to convert an image onto itself")
     progress = _ProgressBar() if args.progress and not args.quiet else None
     try:
         convert(args.source, args.target, source_format=args.format,

@@ -3,12 +3,15 @@
 Speed comes from extents: ranges the source's chain reports as zero or
 unallocated are never read; data ranges move in large buffers (readinto)
 on a pool of threads (pread/pwrite release the GIL); zero runs inside data
-are detected at ``sparse_size`` granularity and skipped, since a new image
-reads as zeros.
+are detected at ``sparse_size`` granularity (with memcmp, not in Python) and
+skipped, since a new image reads as zeros; the target is flushed in the
+background as the copy goes, so the final flush has little left to wait for.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -17,7 +20,7 @@ from typing import Any
 from corefmt import plugins
 from corefmt.block.chain import open_chain
 from corefmt.block.node import BlockNode
-from corefmt.errors import OptionError
+from corefmt.errors import CorefmtError, OptionError
 from corefmt.ops.create import create
 from corefmt.registry import Registry
 
@@ -26,6 +29,14 @@ DEFAULT_SPARSE_SIZE = 4096
 DEFAULT_WORKERS = 4
 #: Block status is asked for in windows of this size (bounds the extent list).
 STATUS_WINDOW = 1024 * 1024 * 1024
+#: Zero detection compares at most this many bytes per memcmp (the size of
+#: the shared zero buffer it compares against).
+ZERO_WINDOW = 256 * 1024
+#: Distinct lengths of zero buffers kept (granularity, window, odd tails).
+ZERO_LENGTHS_CACHED = 8
+#: convert flushes the target in the background each time this many bytes
+#: have been copied since the last flush started (see _BackgroundFlush).
+FLUSH_INTERVAL = 128 * 1024 * 1024
 
 ProgressFn = Callable[[int, int], None]
 
@@ -49,19 +60,51 @@ def data_chunks(node: BlockNode, buffer_size: int,
         window_start = window_end
 
 
+@functools.lru_cache(maxsize=ZERO_LENGTHS_CACHED)
+def _zero_bytes(length: int) -> bytearray:
+    """A shared, never written, all-zero bytearray of ``length`` bytes."""
+    return bytearray(length)
+
+
+def is_zero(view: memoryview) -> bool:
+    """Whether every byte of ``view`` is zero, at memcmp speed.
+
+    The zero bytearray must be the left operand: ``bytearray == buffer`` is
+    one memcmp, while ``memoryview == bytes`` compares item by item, about
+    40 times slower and with the GIL held (stalling every other worker).
+    Windows of ZERO_WINDOW bytes bound the zero buffer; the last window may
+    overlap the one before, which does not matter for an all-zero test.
+    """
+    length = len(view)
+    if length == 0:
+        return True
+    window = min(length, ZERO_WINDOW)
+    zeros = _zero_bytes(window)
+    last = length - window
+    for start in range(0, length, window):
+        start = min(start, last)
+        if zeros != view[start:start + window]:
+            return False
+    return True
+
+
 def zero_runs(view: memoryview, granularity: int) -> Iterator[tuple[int, int, bool]]:
     """(start, length, is_zero) runs of a buffer, judged ``granularity`` bytes at a time."""
     length = len(view)
-    if view == bytes(length):  # one memcmp decides the common all-zero case
+    if is_zero(view):  # a few memcmps decide the common all-zero case
         yield 0, length, True
         return
-    zero_block = bytes(granularity)
+    if granularity >= length:
+        yield 0, length, False
+        return
+    zero_block = _zero_bytes(granularity)
     run_start = 0
     run_zero: bool | None = None
     position = 0
     while position < length:
         step = min(granularity, length - position)
-        block_zero = view[position:position + step] == zero_block[:step]
+        block = view[position:position + step]
+        block_zero = zero_block == block if step == granularity else is_zero(block)
         if run_zero is None:
             run_zero = block_zero
         elif block_zero != run_zero:
@@ -83,10 +126,10 @@ class _Copier:
         self.target_zeroed = target_zeroed
         self._local = threading.local()
 
-    def _buffer(self) -> memoryview:
+    def _buffer(self) -> bytearray:
         buf = getattr(self._local, "buffer", None)
         if buf is None:
-            buf = self._local.buffer = memoryview(bytearray(self.buffer_size))
+            buf = self._local.buffer = bytearray(self.buffer_size)
         return buf
 
     def copy(self, offset: int, length: int, is_zero: bool) -> int:
@@ -94,9 +137,10 @@ class _Copier:
             if not self.target_zeroed:
                 self.target.write_zeroes(offset, length)
             return length
-        view = self._buffer()[:length]
+        buffer = self._buffer()
+        view = memoryview(buffer)[:length]
         self.source.readinto(offset, view)
-        if self.sparse_size <= 0:
+        if self.sparse_size <= 0 or _no_zero_block(buffer, length, self.sparse_size):
             self.target.write(offset, view)
             return length
         for start, run, zero in zero_runs(view, self.sparse_size):
@@ -107,11 +151,69 @@ class _Copier:
         return length
 
 
+def _no_zero_block(buffer: bytearray, length: int, granularity: int) -> bool:
+    """True if ``zero_runs(buffer[:length], granularity)`` is surely one data run.
+
+    The common case for data, so it is worth a shortcut: one
+    ``bytearray.find`` of a zero block (a skipping search, twice as fast as
+    judging block after block in Python, and with fewer bytecodes holding
+    the GIL) proves there is no zero block at any alignment; only a short
+    tail block is left to judge. False means "look block by block": a zero
+    run may still straddle block boundaries without covering a block.
+    """
+    if buffer.find(_zero_bytes(granularity), 0, length) >= 0:
+        return False
+    tail = length % granularity  # the whole buffer when it is shorter than a block
+    return tail == 0 or not is_zero(memoryview(buffer)[length - tail:length])
+
+
+class _BackgroundFlush:
+    """Flushes a node on a thread of its own as the copy goes.
+
+    Why: a single flush at the end waits for all the data to reach the disk
+    after the copy is done (fdatasync of 1.6 GiB took 0.5-0.8 s, about 40 %
+    of a 4 GiB raw conversion). Flushing every ``interval`` copied bytes
+    overlaps the disk's writeback with the copy, so the final flush finds
+    little left to do. At most one flush runs at a time, and nothing waits
+    for one except ``finish``; flush errors are raised, never lost.
+    """
+
+    def __init__(self, node: BlockNode, interval: int):
+        self._node = node
+        self._interval = interval
+        self._since = 0
+        self._running: Future[None] | None = None
+        self._executor = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="corefmt-flush")
+                          if interval > 0 else None)
+
+    def copied(self, length: int) -> None:
+        if self._executor is None:
+            return
+        self._since += length
+        if self._since < self._interval:
+            return
+        if self._running is not None:
+            if not self._running.done():
+                return  # the flush in progress will take these bytes too
+            self._running.result()
+        self._running = self._executor.submit(self._node.flush)
+        self._since = 0
+
+    def finish(self, *, raise_error: bool = True) -> None:
+        """Wait for the flush in progress (the node must not close under it);
+        raise its error unless another error is already on its way."""
+        if self._executor is None:
+            return
+        self._executor.shutdown(wait=True)
+        if raise_error and self._running is not None:
+            self._running.result()
+
+
 def convert(source: str, target: str, *, source_format: str | None = None,
             target_format: str = "raw", options: Mapping[str, Any] | str | None = None,
             sparse_size: int = DEFAULT_SPARSE_SIZE, buffer_size: int = DEFAULT_BUFFER_SIZE,
             workers: int = DEFAULT_WORKERS, progress: ProgressFn | None = None,
-            copy_backing: bool = True, registry: Registry | None = None) -> None:
+            registry: Registry | None = None) -> None:
     """Write the guest-visible content of ``source`` into a new ``target`` image."""
     registry = registry or plugins.registry()
     if buffer_size <= 0 or workers <= 0:
@@ -120,39 +222,67 @@ def convert(source: str, target: str, *, source_format: str | None = None,
         raise OptionError("sparse size must be a multiple of 512 bytes (0 disables it)")
     registry.format(target_format)
     with open_chain(source, source_format, read_only=True, registry=registry) as src:
+        for layer in src.chain():
+            if _same_file(layer.filename, target):
+                # Creating the target would truncate it before a byte is copied.
+                raise CorefmtError(f"{target}: is an image of the source chain itself; "
+                                   "refusing to convert an image onto itself")
         create(target, target_format, src.virtual_size, options=options, registry=registry)
         with open_chain(target, target_format, registry=registry) as dst:
             copy_node(src, dst, sparse_size=sparse_size, buffer_size=buffer_size,
-                      workers=workers, progress=progress, target_zeroed=True)
+                      workers=workers, progress=progress, target_zeroed=True,
+                      flush_interval=FLUSH_INTERVAL)
             dst.flush()
+
+
+def _same_file(first: str, second: str) -> bool:
+    """Whether two local paths name one file (links included)."""
+    try:
+        return os.path.samefile(first.removeprefix("file:"), second.removeprefix("file:"))
+    except (OSError, ValueError):
+        return first == second
 
 
 def copy_node(src: BlockNode, dst: BlockNode, *, sparse_size: int = DEFAULT_SPARSE_SIZE,
               buffer_size: int = DEFAULT_BUFFER_SIZE, workers: int = DEFAULT_WORKERS,
-              progress: ProgressFn | None = None, target_zeroed: bool = False) -> None:
-    """Copy the content of one open node into another of at least the same size."""
+              progress: ProgressFn | None = None, target_zeroed: bool = False,
+              flush_interval: int = 0) -> None:
+    """Copy the content of one open node into another of at least the same size.
+
+    With ``flush_interval`` > 0, ``dst`` is also flushed in the background
+    every that many copied bytes (the caller still flushes at the end).
+    """
     total = src.virtual_size
     copier = _Copier(src, dst, buffer_size, sparse_size, target_zeroed)
+    flusher = _BackgroundFlush(dst, flush_interval)
     done = 0
     if progress:
         progress(0, total)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="corefmt-convert") as pool:
-        pending: set[Future[int]] = set()
-        try:
-            for offset, length, is_zero in data_chunks(src, buffer_size):
-                if is_zero and target_zeroed:
-                    done += length
-                    continue
-                while len(pending) >= workers * 2:
-                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    done += sum(future.result() for future in finished)
-                    if progress:
-                        progress(done, total)
-                pending.add(pool.submit(copier.copy, offset, length, is_zero))
-            for future in pending:
-                done += future.result()
-        finally:
-            for future in pending:
-                future.cancel()
+    try:
+        with ThreadPoolExecutor(max_workers=workers,
+                                thread_name_prefix="corefmt-convert") as pool:
+            pending: set[Future[int]] = set()
+            try:
+                for offset, length, is_zero in data_chunks(src, buffer_size):
+                    if is_zero and target_zeroed:
+                        done += length
+                        continue
+                    while len(pending) >= workers * 2:
+                        finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                        copied = sum(future.result() for future in finished)
+                        done += copied
+                        flusher.copied(copied)
+                        if progress:
+                            progress(done, total)
+                    pending.add(pool.submit(copier.copy, offset, length, is_zero))
+                for future in pending:
+                    done += future.result()
+            finally:
+                for future in pending:
+                    future.cancel()
+    except BaseException:
+        flusher.finish(raise_error=False)
+        raise
+    flusher.finish()
     if progress:
         progress(total, total)

@@ -88,3 +88,14 @@ def test_cli_prints_a_replay_command_that_fails_again(broken, capsys):
 def test_raw_long(mode):
     summary = _run(StressConfig(format="raw", **mode), seeds=2000)
     assert summary.ok, summary.line()
+
+
+def test_stress_verb_from_the_command_line():
+    from tests.conftest import run_cli
+
+    result = run_cli("stress", "--format", "raw", "--seeds", "4", "--crash", "--errors")
+    assert result.returncode == 0, result.stderr
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("operations ") and ", crashes 4, " in last
+    bad = run_cli("stress", "--format", "nosuch", "--seeds", "1")
+    assert bad.returncode == 1 and bad.stderr.startswith("corefmt: Unknown file format")
