@@ -9,12 +9,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
+
+import attrs
 
 from corefmt import plugins
 from corefmt.errors import OptionError
 from corefmt.sizes import parse_size
-from corefmt.stress.report import describe_failure
+from corefmt.stress.report import StressSummary, describe_failure, format_table, target_name, total
 from corefmt.stress.runner import (
     DEFAULT_OPERATIONS,
     DEFAULT_SIZE,
@@ -50,6 +53,9 @@ def add_stress_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="leave copy-on-read off in chains")
     parser.add_argument("--no-delays", dest="delays", action="store_false",
                         help="do not delay storage requests (less reordering)")
+    parser.add_argument("--matrix", action="store_true",
+                        help="test every installed format, alone and over each base, "
+                             "and print a table (driver x results)")
     parser.add_argument("-v", "--verbose", action="store_true", help="one line per seed")
     parser.set_defaults(run=cmd_stress)
     return parser
@@ -72,19 +78,55 @@ def _config(args: argparse.Namespace) -> StressConfig:
                         delays=args.delays)
 
 
-def cmd_stress(args: argparse.Namespace) -> int:
-    config = _config(args)
-    seeds = [args.seed] if args.seed is not None else range(
-        args.first_seed, args.first_seed + args.seeds)
-    started = time.monotonic()
+def matrix_targets(base_config: StressConfig) -> list[StressConfig]:
+    """Every installed format alone, and every backing-capable one over each format."""
+    registry = plugins.registry()
+    names = sorted(registry.formats)
+    targets = [attrs.evolve(base_config, format=name, base=None) for name in names]
+    for name in names:
+        if registry.formats[name].supports_backing:
+            targets += [attrs.evolve(base_config, format=name, base=base) for base in names]
+    return targets
 
+
+def cmd_matrix(args: argparse.Namespace, base_config: StressConfig) -> int:
+    seeds = list(_seeds(args))
+    rows: list[tuple[str, StressSummary]] = []
+    for config in matrix_targets(base_config):
+        started = time.monotonic()
+        summary = run_seeds(config, seeds, _reporter(config, args.verbose))
+        rows.append((target_name(config), summary))
+        print(f"{target_name(config)}: {summary.line()} "
+              f"({time.monotonic() - started:.1f}s)", file=sys.stderr, flush=True)
+    print(format_table(rows))
+    combined = total([summary for _, summary in rows])
+    print(combined.line())
+    return EXIT_OK if combined.ok else EXIT_MISMATCH
+
+
+def _seeds(args: argparse.Namespace) -> range | list[int]:
+    if args.seed is not None:
+        return [args.seed]
+    return range(args.first_seed, args.first_seed + args.seeds)
+
+
+def _reporter(config: StressConfig, verbose: bool) -> Callable[[SeedResult], None]:
     def report(result: SeedResult) -> None:
         if not result.ok:
             print("\n".join(describe_failure(config, result)), flush=True)
-        elif args.verbose:
+        elif verbose:
             print(f"ok seed {result.seed}: {result.operations} operations", flush=True)
 
-    summary = run_seeds(config, seeds, report)
+    return report
+
+
+def cmd_stress(args: argparse.Namespace) -> int:
+    config = _config(args)
+    if args.matrix:
+        return cmd_matrix(args, config)
+    seeds = _seeds(args)
+    started = time.monotonic()
+    summary = run_seeds(config, seeds, _reporter(config, args.verbose))
     elapsed = time.monotonic() - started
     print(f"seeds {summary.seeds} in {elapsed:.1f}s", file=sys.stderr)
     print(summary.line())

@@ -66,3 +66,44 @@ def describe_failure(config: StressConfig, result: SeedResult) -> list[str]:
         lines.append(f"  ... and {hidden} more mismatches")
     lines.append(f"  replay: {replay_command(config, result.seed)}")
     return lines
+
+
+#: Columns of the matrix table: header and the summary field they show.
+TABLE_COLUMNS = (
+    ("seeds", "seeds"),
+    ("operations", "operations"),
+    ("crash points", "crashes"),
+    ("injected errors", "errors_injected"),
+    ("mismatches", "mismatches"),
+    ("check failures", "check_failures"),
+)
+
+
+def target_name(config: StressConfig) -> str:
+    """'qcow2' or 'raw <- qcow2' (base first, as chains are written)."""
+    return f"{config.base} <- {config.format}" if config.base else config.format
+
+
+def format_table(rows: list[tuple[str, StressSummary]]) -> str:
+    """One row per target: the long run's result at a glance."""
+    name_width = max([len("target"), *(len(name) for name, _ in rows)])
+    widths = [max(len(header), 10) for header, _ in TABLE_COLUMNS]
+    header = "  ".join([f"{'target':<{name_width}}",
+                        *(f"{title:>{width}}" for (title, _), width in
+                          zip(TABLE_COLUMNS, widths, strict=True))])
+    lines = [header, "-" * len(header)]
+    for name, summary in rows:
+        cells = [f"{getattr(summary, field):>{width}}"
+                 for (_, field), width in zip(TABLE_COLUMNS, widths, strict=True)]
+        lines.append("  ".join([f"{name:<{name_width}}", *cells]))
+    return "\n".join(lines)
+
+
+def total(summaries: list[StressSummary]) -> StressSummary:
+    """Sum of several targets' summaries (for the closing line)."""
+    combined = StressSummary()
+    for summary in summaries:
+        for _, field in TABLE_COLUMNS:
+            setattr(combined, field, getattr(combined, field) + getattr(summary, field))
+        combined.failed_seeds.extend(summary.failed_seeds)
+    return combined

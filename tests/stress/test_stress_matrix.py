@@ -1,0 +1,32 @@
+"""The matrix mode: every installed format and chain, one table row each."""
+
+from __future__ import annotations
+
+from corefmt.stress.report import StressSummary, format_table, total
+from tests.conftest import run_cli
+
+
+def test_matrix_covers_every_format_and_chain(blockmap):
+    result = run_cli("stress", "--matrix", "--seeds", "3", "--ops", "20", "--crash", "--errors")
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.strip().splitlines()
+    header, rows, last = lines[0], lines[2:-1], lines[-1]
+    assert header.split()[:3] == ["target", "seeds", "operations"]
+    names = [row.split("  ")[0].strip() for row in rows]
+    assert names == ["blockmap", "raw", "blockmap <- blockmap", "raw <- blockmap"]
+    for row in rows:
+        cells = row.split()[-6:]
+        assert cells[0] == "3" and cells[2] == "3"  # seeds, crash points
+        assert cells[4:] == ["0", "0"]  # mismatches, check failures
+    assert last.startswith("operations ") and ", crashes 12, " in last
+
+
+def test_table_and_totals_add_up():
+    first = StressSummary(seeds=2, operations=10, crashes=2, errors_injected=1)
+    second = StressSummary(seeds=3, operations=5, mismatches=4, failed_seeds=[7])
+    combined = total([first, second])
+    assert (combined.seeds, combined.operations, combined.mismatches) == (5, 15, 4)
+    assert not combined.ok and combined.failed_seeds == [7]
+    table = format_table([("raw", first), ("raw <- qcow2", second)]).splitlines()
+    assert table[2].split() == ["raw", "2", "10", "2", "1", "0", "0"]
+    assert table[3].split()[-6:] == ["3", "5", "0", "0", "4", "0"]
