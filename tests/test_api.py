@@ -129,3 +129,22 @@ def test_convert_onto_its_own_source_is_refused(tmp_path):
         corefmt.convert(path, path)
     with corefmt.open(path, "raw", read_only=True) as disk:
         assert disk.read(0, 4096) == b"\x55" * 4096
+
+
+@pytest.mark.parametrize("cache", ["unsafe", "writeback", "none", "directsync"])
+def test_convert_cache_modes_give_the_same_image(tmp_path, cache):
+    source = str(tmp_path / "s.raw")
+    target = str(tmp_path / "t.raw")
+    corefmt.create(source, "raw", MiB)
+    with corefmt.open(source, "raw") as disk:
+        disk.write(1000, fill(70000, 9))  # unaligned: O_DIRECT targets read-modify-write
+    corefmt.convert(source, target, source_format="raw", cache=cache)
+    assert (tmp_path / "t.raw").read_bytes() == (tmp_path / "s.raw").read_bytes()
+
+
+def test_convert_refuses_an_unknown_cache_mode(tmp_path):
+    source = str(tmp_path / "s.raw")
+    corefmt.create(source, "raw", MiB)
+    with pytest.raises(OptionError, match="cache mode"):
+        corefmt.convert(source, str(tmp_path / "t.raw"), cache="fast")
+    assert not (tmp_path / "t.raw").exists()

@@ -15,7 +15,7 @@ from corefmt.errors import CorefmtError
 from corefmt.ops import info as info_op
 from corefmt.ops import map as map_op
 from corefmt.ops.compare import compare_nodes
-from corefmt.ops.convert import DEFAULT_WORKERS, convert
+from corefmt.ops.convert import CACHE_MODES, DEFAULT_CACHE_MODE, DEFAULT_WORKERS, convert
 from corefmt.ops.create import create
 from corefmt.options import option_help, parse_option_string
 from corefmt.sizes import parse_size
@@ -99,7 +99,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     try:
         convert(args.source, args.target, source_format=args.format,
                 target_format=args.output_format, options=options, sparse_size=sparse,
-                workers=args.workers, progress=progress)
+                workers=args.workers, progress=progress, cache=args.cache)
     finally:
         if progress:
             progress.close()
@@ -204,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     converting.add_argument("-q", dest="quiet", action="store_true")
     converting.add_argument("-S", dest="sparse_size",
                             help="zero runs this long are left unallocated (0: off)")
+    converting.add_argument("-t", dest="cache", default=DEFAULT_CACHE_MODE,
+                            choices=sorted(CACHE_MODES),
+                            help=f"target cache mode (default {DEFAULT_CACHE_MODE}; "
+                                 "unsafe never flushes, as qemu-img's default)")
     converting.add_argument("-m", dest="workers", type=int, default=DEFAULT_WORKERS,
                             help="requests in flight")
     converting.add_argument("-U", "--force-share", action="store_true")

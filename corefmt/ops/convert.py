@@ -37,6 +37,17 @@ ZERO_LENGTHS_CACHED = 8
 #: convert flushes the target in the background each time this many bytes
 #: have been copied since the last flush started (see _BackgroundFlush).
 FLUSH_INTERVAL = 128 * 1024 * 1024
+#: qemu-img's cache modes for the target: (O_DIRECT, flush at all).
+#: qemu-img convert defaults to "unsafe"; corefmt defaults to "writeback", so
+#: a finished convert is on disk unless the caller says it need not be.
+CACHE_MODES: dict[str, tuple[bool, bool]] = {
+    "writeback": (False, True),
+    "writethrough": (False, True),
+    "none": (True, True),
+    "directsync": (True, True),
+    "unsafe": (False, False),
+}
+DEFAULT_CACHE_MODE = "writeback"
 
 ProgressFn = Callable[[int, int], None]
 
@@ -213,9 +224,16 @@ def convert(source: str, target: str, *, source_format: str | None = None,
             target_format: str = "raw", options: Mapping[str, Any] | str | None = None,
             sparse_size: int = DEFAULT_SPARSE_SIZE, buffer_size: int = DEFAULT_BUFFER_SIZE,
             workers: int = DEFAULT_WORKERS, progress: ProgressFn | None = None,
-            registry: Registry | None = None) -> None:
-    """Write the guest-visible content of ``source`` into a new ``target`` image."""
+            cache: str = DEFAULT_CACHE_MODE, registry: Registry | None = None) -> None:
+    """Write the guest-visible content of ``source`` into a new ``target`` image.
+
+    ``cache`` takes qemu-img's -t names: "unsafe" never flushes the target
+    (qemu-img convert's default), "none"/"directsync" bypass the page cache.
+    """
     registry = registry or plugins.registry()
+    if cache not in CACHE_MODES:
+        raise OptionError(f"Invalid cache mode '{cache}' (one of: {', '.join(CACHE_MODES)})")
+    direct, durable = CACHE_MODES[cache]
     if buffer_size <= 0 or workers <= 0:
         raise OptionError("buffer size and worker count must be positive")
     if sparse_size < 0 or (sparse_size and sparse_size % 512):
@@ -228,11 +246,12 @@ def convert(source: str, target: str, *, source_format: str | None = None,
                 raise CorefmtError(f"{target}: is an image of the source chain itself; "
                                    "refusing to convert an image onto itself")
         create(target, target_format, src.virtual_size, options=options, registry=registry)
-        with open_chain(target, target_format, registry=registry) as dst:
+        with open_chain(target, target_format, direct=direct, registry=registry) as dst:
             copy_node(src, dst, sparse_size=sparse_size, buffer_size=buffer_size,
                       workers=workers, progress=progress, target_zeroed=True,
-                      flush_interval=FLUSH_INTERVAL)
-            dst.flush()
+                      flush_interval=FLUSH_INTERVAL if durable else 0)
+            if durable:
+                dst.flush()
 
 
 def _same_file(first: str, second: str) -> bool:
