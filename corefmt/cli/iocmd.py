@@ -159,6 +159,17 @@ def cvtnum(text: str | None) -> int:
     return value
 
 
+def _request_range(positional: list[str]) -> tuple[int, int]:
+    """'offset count' of read-like commands, with qemu-io's checks and messages."""
+    if len(positional) != 2:
+        raise UsageFailure("")
+    offset = _number(positional[0])
+    count = _number(positional[1])
+    if count > REQUEST_MAX_BYTES:
+        raise CommandFailed(f"length cannot exceed {REQUEST_MAX_BYTES}, given {positional[1]}")
+    return offset, count
+
+
 def _number(text: str | None, shown: str | None = None) -> int:
     """cvtnum that fails the command with qemu-io's parsing message."""
     value = cvtnum(text)
@@ -404,12 +415,7 @@ class IoSession:
                 offset_given = True
             elif letter == "v":
                 verbose = True
-        if len(positional) != 2:
-            raise UsageFailure("")
-        offset = _number(positional[0])
-        count = _number(positional[1])
-        if count > REQUEST_MAX_BYTES:
-            raise CommandFailed(f"length cannot exceed {REQUEST_MAX_BYTES}, given {positional[1]}")
+        offset, count = _request_range(positional)
         if pattern is None and (pattern_count is not None or offset_given):
             raise UsageFailure("")
         if pattern_count is None:
@@ -521,12 +527,7 @@ class IoSession:
                 machine = True
             elif letter == "q":
                 quiet = True
-        if len(positional) != 2:
-            raise UsageFailure("")
-        offset = _number(positional[0])
-        count = _number(positional[1])
-        if count > REQUEST_MAX_BYTES:
-            raise CommandFailed(f"length cannot exceed {REQUEST_MAX_BYTES}, given {positional[1]}")
+        offset, count = _request_range(positional)
         started = time.perf_counter()
         try:
             self.node.discard(offset, count)
