@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import mmap
 import os
@@ -30,7 +29,9 @@ _UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENOTTY)
 
 def _load_fallocate():
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        # The process's own symbols include libc's; find_library would spawn
+        # ldconfig/gcc subprocesses on every start.
+        libc = ctypes.CDLL(None, use_errno=True)
         function = libc.fallocate
     except (OSError, AttributeError):
         return None
@@ -54,22 +55,32 @@ class FileStorage(Storage):
         self._no_punch = self._no_zero_range = self._no_prealloc = _fallocate is None
         self._no_seek_data = False
         self._size_lock = threading.Lock()
+        self._direct_lock = threading.Lock()
+        # The file's length, kept here: every request checks it, and an fstat
+        # per request costs more than the bookkeeping. Other processes must
+        # not resize an image this one has open (as with qemu).
+        self._known_size = self._stat().st_size
 
     # -- helpers --------------------------------------------------------------
     def _error(self, operation: str, error: OSError) -> StorageError:
         return StorageError(self.path, operation, error)
 
-    def size(self) -> int:
+    def _stat(self) -> os.stat_result:
         try:
-            return os.fstat(self.fd).st_size
+            return os.fstat(self.fd)
         except OSError as error:
             raise self._error("stat", error) from error
 
+    def size(self) -> int:
+        return self._known_size
+
+    def _grew_to(self, end: int) -> None:
+        if end > self._known_size:
+            with self._size_lock:
+                self._known_size = max(self._known_size, end)
+
     def allocated_size(self) -> int | None:
-        try:
-            return os.fstat(self.fd).st_blocks * SECTOR_SIZE
-        except OSError as error:
-            raise self._error("stat", error) from error
+        return self._stat().st_blocks * SECTOR_SIZE
 
     # -- reads ----------------------------------------------------------------
     def readinto(self, offset: int, buf: bytearray | memoryview) -> None:
@@ -120,7 +131,7 @@ class FileStorage(Storage):
         if not self.direct:
             self._pwrite_full(offset, view)
             return
-        with self._size_lock:
+        with self._direct_lock:
             size_before = self.size()
             write_unaligned(offset, view, DIRECT_IO_ALIGNMENT, self.read, self._direct_write)
             # Aligned blocks may run past the requested end: keep the logical size.
@@ -145,13 +156,17 @@ class FileStorage(Storage):
             except InterruptedError:
                 continue
             except OSError as error:
+                self._grew_to(self._stat().st_size)  # a partial write may have grown it
                 raise self._error(f"write of {total} bytes at offset {offset}", error) from error
+        self._grew_to(offset + total)
 
     def _truncate(self, size: int) -> None:
         try:
             os.ftruncate(self.fd, size)
         except OSError as error:
             raise self._error(f"truncate to {size} bytes", error) from error
+        with self._size_lock:
+            self._known_size = size
 
     def flush(self) -> None:
         if self.read_only:
@@ -195,6 +210,8 @@ class FileStorage(Storage):
             return False
         ok = self._fallocate(0, offset, length)
         self._no_prealloc = not ok
+        if ok:
+            self._grew_to(offset + length)  # mode 0 extends the file
         return ok
 
     # -- sparseness -----------------------------------------------------------
