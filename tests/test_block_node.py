@@ -272,3 +272,22 @@ def test_concurrent_overlapping_unaligned_writes_are_serialised(blockmap, tmp_pa
         data = disk.read(0, 8192)
         assert set(data) <= set(range(0, 9))
         assert disk._tracker.in_flight == 0
+
+
+def test_backing_name_with_control_characters_gives_a_one_line_error(blockmap, tmp_path):
+    make_raw(tmp_path / "b0.rw", 4 * KiB)
+    top = make_overlay(tmp_path / "top.bm", "b0.rw", "raw")
+    _point_backing(top, "a\nb\x1b", "raw")
+    with pytest.raises(BackingChainError) as caught:
+        corefmt.open(top)
+    message = str(caught.value)
+    assert "\n" not in message and "\x1b" not in message and "a\\nb\\x1b" in message
+
+
+def test_last_partial_block_of_an_odd_sized_image_is_writable(blockmap, tmp_path):
+    path = str(tmp_path / "odd.bm")
+    corefmt.create(path, "blockmap", 1000)
+    with corefmt.open(path) as disk:
+        assert disk.request_alignment == 512
+        disk.write(900, b"t" * 100)  # the aligned block runs past the end
+        assert disk.read(890, 110) == bytes(10) + b"t" * 100

@@ -26,6 +26,14 @@ def probe_format(storage: Storage, registry: Registry) -> FormatDriver:
     return registry.probe(head, storage.path)
 
 
+def printable(path: str) -> str:
+    """A path read from an image, safe to put in a one-line message: control
+    and other non-printable characters are shown as escapes."""
+    if path.isprintable():
+        return path
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in path)
+
+
 def _identity(path: str) -> str:
     """What makes two references the same image (for loop detection)."""
     return os.path.realpath(path) if os.path.exists(path) else path
@@ -83,11 +91,11 @@ def _open_backing_chain(top: BlockNode, registry: Registry, max_depth: int,
         target = storage_driver.resolve(reference.path, node.filename)
         if _identity(target) in seen:
             raise BackingChainError(
-                f"{node.filename}: backing file '{reference.path}' makes a loop in the chain"
+                f"{node.filename}: backing file '{printable(reference.path)}' makes a loop in the chain"
             )
         if not registry.storage_for(target).exists(target):
             raise BackingChainError(
-                f"Could not open backing file '{target}' of '{node.filename}': "
+                f"Could not open backing file '{printable(target)}' of '{node.filename}': "
                 "No such file or directory"
             )
         try:
@@ -97,7 +105,7 @@ def _open_backing_chain(top: BlockNode, registry: Registry, max_depth: int,
             raise
         except CorefmtError as error:
             raise BackingChainError(
-                f"Could not open backing file '{target}' of '{node.filename}': {error}"
+                f"Could not open backing file '{printable(target)}' of '{node.filename}': {error}"
             ) from error
         seen.add(_identity(target))
         node.set_backing(below)

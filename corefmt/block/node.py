@@ -232,8 +232,12 @@ class BlockNode:
         return extents
 
     def _read_untracked(self, offset: int, length: int) -> bytes:
+        """Read for read-modify-write: an aligned block may run past the end
+        of an image whose size is not a multiple of the alignment (zeros)."""
         buf = bytearray(length)
-        self._read_extents(offset, memoryview(buf))
+        inside = max(0, min(length, self.virtual_size - offset))
+        if inside:
+            self._read_extents(offset, memoryview(buf)[:inside])
         return bytes(buf)
 
     def read_below(self, offset: int, length: int) -> bytes:
