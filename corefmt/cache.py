@@ -9,9 +9,9 @@ blocks are durable before the L2 tables that use the clusters they count.
 
 from __future__ import annotations
 
-import threading
 from collections import OrderedDict
 
+from corefmt import sync
 from corefmt.errors import CorefmtError
 from corefmt.storage.base import Storage
 
@@ -44,7 +44,7 @@ class MetadataCache:
         self._entries: OrderedDict[int, _Entry] = OrderedDict()
         self._dependency: MetadataCache | None = None
         self._flush_storage_first = False
-        self._lock = threading.RLock()
+        self._lock = sync.RLock()  # held across storage requests
         self.hits = self.misses = self.writebacks = 0
 
     # -- ordering -------------------------------------------------------------------

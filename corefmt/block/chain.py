@@ -91,7 +91,8 @@ def _open_backing_chain(top: BlockNode, registry: Registry, max_depth: int,
         target = storage_driver.resolve(reference.path, node.filename)
         if _identity(target) in seen:
             raise BackingChainError(
-                f"{node.filename}: backing file '{printable(reference.path)}' makes a loop in the chain"
+                f"{node.filename}: backing file '{printable(reference.path)}' "
+                "makes a loop in the chain"
             )
         if not registry.storage_for(target).exists(target):
             raise BackingChainError(

@@ -7,11 +7,12 @@ read, never wait for each other.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import attrs
+
+from corefmt import sync
 
 
 @attrs.define(eq=False)
@@ -27,7 +28,7 @@ class TrackedRequest:
 
 class RequestTracker:
     def __init__(self) -> None:
-        self._changed = threading.Condition()
+        self._changed = sync.Condition()  # a stress scheduler sees the waits
         self._active: list[TrackedRequest] = []
 
     @contextmanager

@@ -9,6 +9,7 @@ from typing import NoReturn
 
 from corefmt import plugins
 from corefmt.block.chain import open_chain
+from corefmt.cli.fuzz import add_fuzz_parser
 from corefmt.cli.iocmd import run_commands
 from corefmt.cli.stress import add_stress_parser
 from corefmt.errors import CorefmtError
@@ -234,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     io_verb.set_defaults(run=cmd_io)
 
     add_stress_parser(verbs)
+    add_fuzz_parser(verbs)
     return parser
 
 

@@ -52,7 +52,7 @@ def add_stress_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--no-copy-on-read", dest="copy_on_read", action="store_false",
                         help="leave copy-on-read off in chains")
     parser.add_argument("--no-delays", dest="delays", action="store_false",
-                        help="do not delay storage requests (less reordering)")
+                        help="complete racing storage requests in issue order (no reordering)")
     parser.add_argument("--matrix", action="store_true",
                         help="test every installed format, alone and over each base, "
                              "and print a table (driver x results)")

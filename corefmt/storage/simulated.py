@@ -2,12 +2,17 @@
 
 A ``SimDisk`` holds durable bytes plus a volatile write cache (the writes
 since the last flush, in completion order). A fault policy, consulted on
-every request, may delay it (so concurrent requests complete in another
-order), fail it with an errno (EIO, ENOSPC), tear a write at a sector
-boundary, or cut the power. A power cut keeps, for every sector, one of the
-states it went through since the last flush (a seed chooses which): the
-weakest ordering a disk with a volatile cache allows, so format drivers
+every request, may fail it with an errno (EIO, ENOSPC), tear a write at a
+sector boundary, or cut the power. A power cut keeps, for every sector, one
+of the states it went through since the last flush (a seed chooses which):
+the weakest ordering a disk with a volatile cache allows, so format drivers
 that rely on unflushed ordering are caught.
+
+Concurrent requests complete in another order than they were issued when a
+``gate`` is installed: every request first waits there, and a scheduler
+(the stress runner's) decides which waiting request completes next. The
+request takes effect only once through the gate, so the order is the
+scheduler's, not the OS's.
 
 Paths look like ``sim:NAME``; requests are attributed to whatever tag the
 calling thread set with ``request_tag`` (the stress runner tags each
@@ -22,7 +27,6 @@ import errno
 import os
 import random
 import threading
-import time
 from collections.abc import Callable, Iterator
 
 import attrs
@@ -72,7 +76,6 @@ class SimRequest:
 class SimFault:
     """What the policy wants done to one request."""
 
-    delay: float = 0.0
     #: Fail the request with this errno (after applying ``tear_sectors``).
     error: int | None = None
     #: For a failing write: how many of its leading sectors still land.
@@ -82,6 +85,8 @@ class SimFault:
 
 
 FaultPolicy = Callable[[SimRequest], SimFault | None]
+#: Called with the request's kind before every request; returns when it may complete.
+RequestGate = Callable[[str], None]
 
 
 @attrs.define
@@ -103,6 +108,7 @@ class SimDisk:
         self.current = bytearray()
         self.cache: list[_CachedOp] = []
         self.policy: FaultPolicy | None = None
+        self.gate: RequestGate | None = None
         self.alignment = SECTOR_SIZE
         self.dead = False
         self.crash_image: bytearray | None = None
@@ -112,7 +118,10 @@ class SimDisk:
 
     # -- requests ---------------------------------------------------------------------
     def _begin(self, kind: str, offset: int, length: int) -> SimFault | None:
-        """Consult the policy; apply delay and power cut; raise if the disk is gone."""
+        """Pass the gate; consult the policy; cut the power; raise if the disk is gone."""
+        gate = self.gate
+        if gate is not None:
+            gate(kind)
         tag = current_tag()
         with self.lock:
             if self.dead:
@@ -124,8 +133,6 @@ class SimDisk:
         fault = policy(SimRequest(self.name, kind, offset, length, tag, index)) if policy else None
         if fault is None:
             return None
-        if fault.delay > 0:
-            time.sleep(fault.delay)
         if fault.power_cut is not None:
             self.power_cut(random.Random(fault.power_cut))
             raise OSError(errno.EIO, "simulated power cut")

@@ -1,8 +1,9 @@
 """The fault policy a seed installs on its simulated disks.
 
-Everything is keyed by (seed, request tag, request index), never by arrival
-order, so the same seed delays, fails and cuts the power at the same
-requests whatever the threads do.
+Everything is keyed by (request tag, request index), never by arrival
+order, so the same seed fails and cuts the power at the same requests
+whatever the threads do. (The order in which requests complete is the
+scheduler's business: ``corefmt.stress.scheduler``.)
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ import attrs
 
 from corefmt.storage.simulated import NO_TAG, SimFault, SimRequest
 
-DELAY_SHARE = 0.25
-MAX_DELAY = 0.0005
 ERROR_SHARE = 0.12
 ENOSPC_SHARE = 0.3
 #: The n-th storage request of a chosen op fails (0 or 1: ops make few).
@@ -35,14 +34,13 @@ class PlannedError:
 
 @attrs.define
 class FaultPlan:
-    """Which ops fail, where the power goes, and how requests are delayed."""
+    """Which ops fail and where the power goes."""
 
     seed: int
     errors: dict[int, PlannedError] = attrs.field(factory=dict)
     crash_tag: int | None = None
     crash_disk: str | None = None
     crash_seed: int = 0
-    delays: bool = True
     fired: set[int] = attrs.field(factory=set)
     lock: threading.Lock = attrs.field(factory=threading.Lock)
 
@@ -52,11 +50,6 @@ class FaultPlan:
         if (request.tag == self.crash_tag and request.disk == self.crash_disk
                 and request.index == 0):
             return SimFault(power_cut=self.crash_seed)
-        delay = 0.0
-        if self.delays:
-            chooser = random.Random((self.seed << 40) ^ (request.tag << 16) ^ request.index)
-            if chooser.random() < DELAY_SHARE:
-                delay = chooser.uniform(0, MAX_DELAY)
         planned = self.errors.get(request.tag)
         if planned is not None and request.index == planned.index:
             with self.lock:
@@ -64,8 +57,8 @@ class FaultPlan:
                 self.fired.add(request.tag)
             if fire:
                 error = planned.error if request.kind in WRITE_REQUESTS else errno.EIO
-                return SimFault(delay=delay, error=error, tear_sectors=planned.tear_sectors)
-        return SimFault(delay=delay) if delay else None
+                return SimFault(error=error, tear_sectors=planned.tear_sectors)
+        return None
 
     def was_fired(self, tag: int) -> bool:
         with self.lock:

@@ -1,7 +1,9 @@
 """Runs one seed: build images on simulated disks, race a workload, check.
 
 A seed decides everything: the base content, the workload, the storage
-alignment, which requests are delayed or fail and where the power goes.
+alignment, which requests fail, where the power goes and, through the
+batch scheduler, how the racing requests of each batch interleave and in
+which order they complete. Running a seed again gives the same result.
 Images are made and opened through ``corefmt.create``/``corefmt.open``, so
 any installed format (and any format as the base of a chain) is tested
 the same way.
@@ -9,9 +11,10 @@ the same way.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import itertools
 import random
-import uuid
 from collections.abc import Callable, Iterable
 
 import attrs
@@ -26,6 +29,7 @@ from corefmt.storage.simulated import SimDisk, SimStorageDriver, request_tag
 from corefmt.stress.faults import FaultPlan, plan_faults
 from corefmt.stress.model import MAX_MESSAGES, ImageModel, Outcome
 from corefmt.stress.report import StressSummary
+from corefmt.stress.scheduler import STALL_SECONDS, BatchScheduler
 from corefmt.stress.workload import (
     DISCARD,
     FLUSH,
@@ -46,6 +50,8 @@ ALIGNMENTS = (1, SECTOR_SIZE, 4096)
 BASE_EXTENTS = 8
 BASE_EXTENT_MAX = 64 * 1024
 PROBE_WRITE_MAX = 8192
+#: Names the scheduler's random stream, apart from the workload's (same seed).
+SCHEDULE_STREAM = "schedule"
 
 
 @attrs.frozen
@@ -59,6 +65,7 @@ class StressConfig:
     crash: bool = False
     errors: bool = False
     copy_on_read: bool = True
+    #: Racing requests complete in a seed-chosen order (else in the order issued).
     delays: bool = True
 
 
@@ -72,6 +79,9 @@ class SeedResult:
     mismatch_count: int = 0
     mismatches: list[str] = attrs.field(factory=list)
     check_failures: list[str] = attrs.field(factory=list)
+    #: Batches that ran unscheduled (a thread blocked outside ``corefmt.sync``):
+    #: their interleaving, and so this result, may differ on replay.
+    stalls: int = 0
 
     @property
     def ok(self) -> bool:
@@ -85,8 +95,14 @@ def _sim_driver() -> SimStorageDriver:
     return driver
 
 
-def _run_op(node: BlockNode, op: Op, plan: FaultPlan, disk: SimDisk) -> Outcome:
-    """Run one request on a queue worker; report, never raise."""
+def _run_op(node: BlockNode, op: Op, plan: FaultPlan, disk: SimDisk,
+            scheduler: BatchScheduler) -> Outcome:
+    """Run one request on a queue worker, in the scheduler's turns; report, never raise."""
+    with scheduler.task(op.tag):  # the outcome is judged in turn too
+        return _outcome(node, op, plan, disk)
+
+
+def _outcome(node: BlockNode, op: Op, plan: FaultPlan, disk: SimDisk) -> Outcome:
     data: bytes | None = None
     try:
         with request_tag(op.tag):
@@ -121,6 +137,16 @@ def _fill_base(rng: random.Random, path: str, format: str, size: int) -> bytes:
     return bytes(content)
 
 
+def _unused_prefix(sim: SimStorageDriver, prefix: str) -> str:
+    """``prefix``, unless another run uses it now: names show up in messages,
+    so they must not change from one replay to the next."""
+    for number in itertools.count(1):
+        candidate = prefix if number == 1 else f"{prefix}.{number}"
+        if not sim.exists(f"{candidate}-top"):
+            return candidate
+    raise AssertionError("unreachable")
+
+
 class _SeedRun:
     """The state of one seed's run (images, model, plan, result)."""
 
@@ -129,7 +155,7 @@ class _SeedRun:
         self.rng = random.Random(seed)
         self.result = SeedResult(seed)
         self.sim = _sim_driver()
-        prefix = f"sim:stress-{seed}-{uuid.uuid4().hex[:8]}"
+        prefix = _unused_prefix(self.sim, f"sim:stress-{seed}")
         self.top_path = f"{prefix}-top"
         self.base_path = f"{prefix}-base" if config.base else None
 
@@ -160,17 +186,20 @@ class _SeedRun:
         count = sum(len(batch) for batch in batches)
         plan = plan_faults(rng, self.result.seed, count, errors=config.errors,
                            crash_disk=self.top_path if config.crash else None)
-        plan.delays = config.delays
+        scheduler = BatchScheduler(random.Random(f"{self.result.seed}:{SCHEDULE_STREAM}"),
+                                   reorder=config.delays)
         disks = [self.sim.disk(path) for path in self.paths]
         for disk in disks:
             disk.policy = plan
+            disk.gate = scheduler.hold
         node = corefmt.open(self.top_path, config.format,
                             copy_on_read=config.copy_on_read and config.base is not None)
         try:
-            self._workload(node, model, batches, plan, top)
+            self._workload(node, model, batches, plan, top, scheduler)
         finally:
             for disk in disks:
                 disk.policy = None
+                disk.gate = None
             self.result.errors_injected = sum(disk.errors_injected for disk in disks)
             if config.crash:
                 top.power_cut(random.Random(plan.crash_seed))  # no-op if it already happened
@@ -202,10 +231,15 @@ class _SeedRun:
         return initial
 
     def _workload(self, node: BlockNode, model: ImageModel, batches: list[list[Op]],
-                  plan: FaultPlan, top: SimDisk) -> None:
+                  plan: FaultPlan, top: SimDisk, scheduler: BatchScheduler) -> None:
+        # One worker per request of a batch: the scheduler starts a batch only
+        # once all of its requests have arrived.
         with RequestQueue(depth=MAX_BATCH, name="corefmt-stress") as queue:
             for batch in batches:
-                futures = [queue.submit(_run_op, node, op, plan, top) for op in batch]
+                scheduler.begin(op.tag for op in batch)
+                futures = [queue.submit(_run_op, node, op, plan, top, scheduler)
+                           for op in batch]
+                self._await(futures, scheduler)
                 outcomes = [future.result() for future in futures]
                 self.result.operations += len(batch)
                 self._problem(model.apply_batch(batch, outcomes))
@@ -215,6 +249,18 @@ class _SeedRun:
             self._problem(model.check_current(node.read(0, self.config.size),
                                               "after the workload"))
             node.flush()
+
+    def _await(self, futures: list[concurrent.futures.Future[Outcome]],
+               scheduler: BatchScheduler) -> None:
+        """Wait for a batch; if no turn is handed over for a while, unstick it."""
+        progress = scheduler.handovers
+        while True:
+            _, pending = concurrent.futures.wait(futures, timeout=STALL_SECONDS)
+            if not pending:
+                return
+            if scheduler.handovers == progress and scheduler.stall():
+                self.result.stalls += 1
+            progress = scheduler.handovers
 
     def _verify_reopen(self, model: ImageModel, durable: bool) -> None:
         """Reopen the top image: it opens, holds what it must, checks clean, works."""

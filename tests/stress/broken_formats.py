@@ -6,7 +6,7 @@ They register through the ordinary plugin hook, as any format would.
 from __future__ import annotations
 
 import contextlib
-import time
+import threading
 
 from corefmt_raw.driver import RawDriver, RawImage
 
@@ -20,8 +20,6 @@ SECTOR_SIZE = 512
 DROP_EVERY = 5
 #: raw-racy rewrites whole chunks of this size without a lock.
 RACY_CHUNK = 4096
-#: Seconds between raw-racy's read and write: a slow disk's window.
-RACY_WINDOW = 0.001
 
 
 class NoFlushImage(RawImage):
@@ -58,10 +56,22 @@ class RacyImage(RawImage):
     def write(self, offset: int, data: bytes | memoryview) -> None:
         start = offset - offset % RACY_CHUNK
         end = min(-(-(offset + len(data)) // RACY_CHUNK) * RACY_CHUNK, self.virtual_size)
+        # No sleep needed: the stress scheduler lets other requests complete
+        # between this read and the write below, as a slow disk would.
         chunk = bytearray(self.storage.read(start, end - start))
-        time.sleep(RACY_WINDOW)  # widen the window, as a slow disk would
         chunk[offset - start:offset - start + len(data)] = data
         self.storage.write(start, chunk)
+
+
+class PlainLockImage(RawImage):
+    """Correct, but holds a plain ``threading`` lock across storage requests:
+    the stress scheduler cannot see who waits for it, and must not hang."""
+
+    _lock = threading.Lock()
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        with self._lock:
+            super().write(offset, data)
 
 
 def _variant(name: str, image: type[RawImage]) -> RawDriver:
@@ -81,6 +91,7 @@ VARIANTS = {
     "raw-drop": DroppingImage,
     "raw-swallow": SwallowingImage,
     "raw-racy": RacyImage,
+    "raw-plainlock": PlainLockImage,
 }
 
 

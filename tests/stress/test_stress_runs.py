@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+import attrs
 import pytest
 
 from corefmt.cli.stress import add_stress_parser
-from corefmt.stress import StressConfig, run_seed, run_seeds
+from corefmt.stress import StressConfig, run_seed, run_seeds, runner
 
 SHORT = 60
 
@@ -46,6 +47,7 @@ def test_outside_format_survives_power_cuts(blockmap, base):
     ("raw-drop", {}, 5),
     ("raw-swallow", {"errors": True}, 20),
     ("raw-racy", {}, 12),  # two racing writes in one 4 KiB chunk: seeds 4 and 10
+    ("raw-racy", {"delays": False}, 12),  # completing in issue order too: seeds 4 and 10
 ])
 def test_broken_drivers_are_caught(broken, variant, mode, seeds):
     summary = _run(StressConfig(format=variant, **mode), seeds=seeds)
@@ -56,6 +58,44 @@ def test_a_seed_replays_the_same_run():
     config = StressConfig(format="raw", errors=True, crash=True)
     first, again = run_seed(config, 11), run_seed(config, 11)
     assert (first.operations, first.errors_injected) == (again.operations, again.errors_injected)
+    assert attrs.asdict(first) == attrs.asdict(again)
+
+
+RACY_FAILING_SEED = 10
+REPLAY_SEEDS = 12
+
+
+def test_a_racy_failure_replays_exactly(broken):
+    """The interleaving follows the seed: the same mismatches, message for message."""
+    config = StressConfig(format="raw-racy")
+    first, again = run_seed(config, RACY_FAILING_SEED), run_seed(config, RACY_FAILING_SEED)
+    assert not first.ok and first.stalls == 0
+    assert attrs.asdict(first) == attrs.asdict(again)
+
+
+@pytest.mark.parametrize(("variant", "mode"), [
+    ("raw-racy", {}), ("raw-noflush", {"crash": True}), ("raw", {"crash": True, "errors": True}),
+])
+def test_many_seeds_replay_exactly(broken, variant, mode):
+    config = StressConfig(format=variant, **mode)
+    runs = [[attrs.asdict(run_seed(config, seed)) for seed in range(REPLAY_SEEDS)]
+            for _ in range(2)]
+    assert runs[0] == runs[1]
+    assert attrs.asdict(_run(config, REPLAY_SEEDS)) == attrs.asdict(_run(config, REPLAY_SEEDS))
+
+
+def test_a_chain_with_copy_on_read_replays_exactly(blockmap):
+    config = StressConfig(format="blockmap", base="raw", errors=True)
+    first = [attrs.asdict(run_seed(config, seed)) for seed in range(8)]
+    assert first == [attrs.asdict(run_seed(config, seed)) for seed in range(8)]
+    assert not any(result["stalls"] for result in first)
+
+
+def test_a_lock_the_scheduler_cannot_see_does_not_hang(broken, monkeypatch):
+    monkeypatch.setattr(runner, "STALL_SECONDS", 0.02)
+    results = [run_seed(StressConfig(format="raw-plainlock"), seed) for seed in range(4)]
+    assert all(result.ok for result in results)
+    assert any(result.stalls for result in results)
 
 
 def _cli(*words: str) -> int:

@@ -9,11 +9,10 @@ the table starts at TABLE_OFFSET.
 from __future__ import annotations
 
 import struct
-import threading
 
 import attrs
 
-from corefmt import BackingRef, Extent, FormatDriver, Image, ImageContext
+from corefmt import BackingRef, Extent, FormatDriver, Image, ImageContext, sync
 from corefmt.driver import PROBE_CERTAIN, PROBE_NO
 from corefmt.errors import ImageError
 from corefmt.options import choice, option
@@ -34,17 +33,13 @@ class BlockMapOptions:
 class BlockMapImage(Image):
     def __init__(self, storage, context: ImageContext):
         super().__init__(storage, context)
+        file_size = storage.size()
         magic, size, block_size, path_len, fmt_len = HEADER.unpack(storage.read(0, HEADER.size))
-        if magic != MAGIC:
-            raise ImageError(context.path, "header", 0, "bad magic")
-        if block_size not in (4096, 65536):
-            raise ImageError(context.path, "header", 16, f"bad block size {block_size}")
-        if path_len + fmt_len > TABLE_OFFSET - HEADER.size:
-            raise ImageError(context.path, "header", 20, "backing name too long")
+        self._check_header(file_size, magic, size, block_size, path_len, fmt_len)
         names = storage.read(HEADER.size, path_len + fmt_len)
         if path_len:
-            self.backing = BackingRef(names[:path_len].decode(),
-                                      names[path_len:].decode() or None)
+            self.backing = BackingRef(self._name(names[:path_len], "backing file name"),
+                                      self._name(names[path_len:], "backing format") or None)
         self.virtual_size = size
         self.block_size = block_size
         self.cluster_size = block_size
@@ -52,10 +47,56 @@ class BlockMapImage(Image):
         count = -(-size // block_size)
         raw = storage.read(TABLE_OFFSET, count * ENTRY.size)
         self.table = [ENTRY.unpack_from(raw, i * ENTRY.size)[0] for i in range(count)]
+        self._check_table(file_size)
         # New blocks go after every block the table knows, never at the file's
         # end: after a crash the file may be shorter than what the table uses.
         self.next_free = max([self._data_start(), *(h + block_size for h in self.table if h)])
-        self.lock = threading.Lock()
+        self.lock = sync.Lock()
+
+    # Every value read from the file is checked before it sizes a read or a
+    # list, or places a write: a damaged image is refused, never trusted.
+    def _check_header(self, file_size: int, magic: bytes, size: int, block_size: int,
+                      path_len: int, fmt_len: int) -> None:
+        path = self.context.path
+        if file_size < HEADER.size:
+            raise ImageError(path, "header", 0,
+                             f"file is {file_size} bytes, shorter than the header")
+        if magic != MAGIC:
+            raise ImageError(path, "header", 0, "bad magic")
+        if block_size not in (4096, 65536):
+            raise ImageError(path, "header", 16, f"bad block size {block_size}")
+        if path_len + fmt_len > TABLE_OFFSET - HEADER.size:
+            raise ImageError(path, "header", 20, "backing name too long")
+        table_end = TABLE_OFFSET + -(-size // block_size) * ENTRY.size
+        if table_end > file_size:
+            raise ImageError(path, "table", TABLE_OFFSET,
+                             f"the table for virtual size {size} ends at {table_end}, "
+                             f"past the end of the file ({file_size} bytes)")
+
+    def _name(self, raw: bytes, what: str) -> str:
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            raise ImageError(self.context.path, "header", HEADER.size,
+                             f"{what} is not UTF-8") from None
+
+    def _check_table(self, file_size: int) -> None:
+        data_start = self._data_start()
+        owner: dict[int, int] = {}
+        for index, host in enumerate(self.table):
+            if not host:
+                continue
+            where = TABLE_OFFSET + index * ENTRY.size
+            if host % self.block_size or host < data_start:
+                raise ImageError(self.context.path, "table entry", where,
+                                 f"block {index} points at {host:#x}, not a data block")
+            if host + self.block_size > file_size:
+                raise ImageError(self.context.path, "table entry", where,
+                                 f"block {index} at {host:#x} lies past the end of the file")
+            if host in owner:
+                raise ImageError(self.context.path, "table entry", where,
+                                 f"block {index} shares {host:#x} with block {owner[host]}")
+            owner[host] = index
 
     def block_status(self, offset: int, length: int) -> Extent:
         index = offset // self.block_size
