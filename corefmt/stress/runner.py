@@ -28,6 +28,7 @@ from corefmt.errors import CorefmtError
 from corefmt.storage.simulated import SimDisk, SimStorageDriver, request_tag
 from corefmt.stress.faults import FaultPlan, plan_faults
 from corefmt.stress.model import MAX_MESSAGES, ImageModel, Outcome
+from corefmt.stress.qemu_check import applies_to, qemu_check
 from corefmt.stress.report import StressSummary
 from corefmt.stress.scheduler import STALL_SECONDS, BatchScheduler
 from corefmt.stress.workload import (
@@ -276,6 +277,14 @@ class _SeedRun:
             self._problem(checked(content, what))
             self._check_image(node, what)
             self._probe_write(node, content, what)
+        if durable and applies_to(self.config.format):
+            # The reference implementation must agree the image is consistent.
+            disk = self.sim.disk(self.top_path)
+            with disk.lock:
+                image_bytes = bytes(disk.current)
+            problem = qemu_check(self.config.format, image_bytes)
+            if problem:
+                self.result.check_failures.append(f"{what}: {problem}")
 
     def _check_image(self, node: BlockNode, what: str) -> None:
         image = node.image
