@@ -17,8 +17,8 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator
-from typing import TextIO
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TextIO
 
 import attrs
 
@@ -157,6 +157,22 @@ def cvtnum(text: str | None) -> int:
     if value > INT64_MAX:
         return -errno.ERANGE
     return value
+
+
+def parse_options(name: str, words: list[str], optstring: str, positional: list[str],
+                  convert: Mapping[str, Callable[[str], Any]] | None = None) -> dict[str, Any]:
+    """getopt's options as a dict (flags map to True; a repeated option's last
+    value wins). Values are converted as they come, so a bad value fails
+    before a later bad option, as in qemu-io's getopt loops."""
+    found: dict[str, Any] = {}
+    for letter, value in getopt(name, words, optstring, positional):
+        if value is None:
+            found[letter] = True
+        elif convert and letter in convert:
+            found[letter] = convert[letter](value)
+        else:
+            found[letter] = value
+    return found
 
 
 def _request_range(positional: list[str]) -> tuple[int, int]:
@@ -394,27 +410,14 @@ class IoSession:
     # -- commands -----------------------------------------------------------------
     def read(self, name: str, words: list[str]) -> None:
         positional: list[str] = []
-        machine = quiet = verbose = vmstate = False
-        pattern: int | None = None
-        pattern_offset = 0
-        pattern_count: int | None = None
-        offset_given = False
-        for letter, value in getopt(name, words, "bCl:pP:qs:v", positional):
-            if letter == "b":
-                vmstate = True
-            elif letter == "C":
-                machine = True
-            elif letter == "l":
-                pattern_count = _number(value)
-            elif letter == "P":
-                pattern = parse_pattern(value or "")
-            elif letter == "q":
-                quiet = True
-            elif letter == "s":
-                pattern_offset = _number(value)
-                offset_given = True
-            elif letter == "v":
-                verbose = True
+        options = parse_options(name, words, "bCl:pP:qs:v", positional,
+                                {"l": _number, "P": parse_pattern, "s": _number})
+        vmstate, machine = "b" in options, "C" in options
+        quiet, verbose = "q" in options, "v" in options
+        pattern: int | None = options.get("P")
+        pattern_count: int | None = options.get("l")
+        pattern_offset: int = options.get("s", 0)
+        offset_given = "s" in options
         offset, count = _request_range(positional)
         if pattern is None and (pattern_count is not None or offset_given):
             raise UsageFailure("")
@@ -451,30 +454,13 @@ class IoSession:
 
     def write(self, name: str, words: list[str]) -> None:
         positional: list[str] = []
-        machine = quiet = vmstate = compressed = fua = no_fallback = unmap = zero = False
-        pattern: int | None = None
-        source: str | None = None
-        for letter, value in getopt(name, words, "bcCfnpP:qs:uz", positional):
-            if letter == "b":
-                vmstate = True
-            elif letter == "c":
-                compressed = True
-            elif letter == "C":
-                machine = True
-            elif letter == "f":
-                fua = True
-            elif letter == "n":
-                no_fallback = True
-            elif letter == "P":
-                pattern = parse_pattern(value or "")
-            elif letter == "q":
-                quiet = True
-            elif letter == "s":
-                source = value
-            elif letter == "u":
-                unmap = True
-            elif letter == "z":
-                zero = True
+        options = parse_options(name, words, "bcCfnpP:qs:uz", positional,
+                                {"P": parse_pattern})
+        vmstate, compressed, machine = "b" in options, "c" in options, "C" in options
+        fua, no_fallback, quiet = "f" in options, "n" in options, "q" in options
+        unmap, zero = "u" in options, "z" in options
+        pattern: int | None = options.get("P")
+        source: str | None = options.get("s")
         if len(positional) != 2:
             raise UsageFailure("")
         if vmstate and zero:
@@ -521,12 +507,8 @@ class IoSession:
 
     def discard(self, name: str, words: list[str]) -> None:
         positional: list[str] = []
-        machine = quiet = False
-        for letter, _value in getopt(name, words, "Cq", positional):
-            if letter == "C":
-                machine = True
-            elif letter == "q":
-                quiet = True
+        options = parse_options(name, words, "Cq", positional)
+        machine, quiet = "C" in options, "q" in options
         offset, count = _request_range(positional)
         started = time.perf_counter()
         try:
