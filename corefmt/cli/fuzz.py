@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 from corefmt.errors import OptionError
+from corefmt.ops.create import check_create_options
 from corefmt.sizes import parse_size
 from corefmt.stress.fuzz import (
     DEFAULT_EXAMPLES,
@@ -32,6 +33,8 @@ def add_fuzz_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "fuzz", help="open, read, check and write mutated images of a format")
     parser.add_argument("--format", "-f", default="raw", help="format under test (default raw)")
+    parser.add_argument("-o", dest="options", action="append",
+                        help="create options of the seed images (key=value,...)")
     parser.add_argument("--examples", "-n", type=int, default=DEFAULT_EXAMPLES,
                         help=f"mutated images to try (default {DEFAULT_EXAMPLES})")
     parser.add_argument("--seed", type=int, default=0, help="run seed (default 0)")
@@ -71,12 +74,14 @@ def _save(report: FuzzReport, directory: str) -> None:
 
 def cmd_fuzz(args: argparse.Namespace) -> int:
     limits = _limits(args)
+    options = check_create_options(args.format, args.options)
     if args.replay:
-        report = replay_case(args.format, args.replay, limits=limits)
+        report = replay_case(args.format, args.replay, limits=limits, options=options)
     else:
-        report = fuzz_format(args.format, examples=args.examples, seed=args.seed, limits=limits)
+        report = fuzz_format(args.format, examples=args.examples, seed=args.seed, limits=limits,
+                             options=options)
     for failure in report.failures:
-        print(failure.describe(report.format), flush=True)
+        print(failure.describe(report.format, report.options), flush=True)
     if args.save_failures and report.failures:
         _save(report, args.save_failures)
     print(f"fuzzed {report.format} in {report.elapsed:.1f}s, largest case allocation "

@@ -16,6 +16,7 @@ import attrs
 
 from corefmt import plugins
 from corefmt.errors import OptionError
+from corefmt.ops.create import check_create_options
 from corefmt.sizes import parse_size
 from corefmt.stress.report import StressSummary, describe_failure, format_table, target_name, total
 from corefmt.stress.runner import (
@@ -37,6 +38,8 @@ def add_stress_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "stress", help="race, error and crash test a format on simulated storage")
     parser.add_argument("--format", "-f", default="raw", help="format under test (default raw)")
+    parser.add_argument("-o", dest="options", action="append",
+                        help="create options of the image under test (key=value,...)")
     parser.add_argument("--base", help="also test a chain: the base image's format")
     parser.add_argument("--seeds", type=int, default=DEFAULT_SEEDS,
                         help=f"how many seeds to run (default {DEFAULT_SEEDS})")
@@ -73,9 +76,12 @@ def _config(args: argparse.Namespace) -> StressConfig:
         registry.format(args.base)
         if not registry.format(args.format).supports_backing:
             raise OptionError(f"Format {args.format} does not support backing files")
+    if args.matrix and args.options:
+        raise OptionError("-o applies to one format: use it with --format, not --matrix")
+    options = check_create_options(args.format, args.options)
     return StressConfig(format=args.format, base=args.base, size=size, operations=args.ops,
                         crash=args.crash, errors=args.errors, copy_on_read=args.copy_on_read,
-                        delays=args.delays)
+                        delays=args.delays, options=options)
 
 
 def matrix_targets(base_config: StressConfig) -> list[StressConfig]:

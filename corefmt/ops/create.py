@@ -66,6 +66,19 @@ def create(path: str, format: str = "raw", size: int | str | None = None, *,
     storage.close()
 
 
+def check_create_options(format: str, options: list[str] | str | None,
+                         registry: Registry | None = None) -> str:
+    """Validate ``-o`` text for a format now (before any work) and return it
+    as one string, the form a replay command repeats."""
+    text = ",".join(options) if isinstance(options, list) else (options or "")
+    driver = (registry or plugins.registry()).format(format)
+    values = parse_option_string(text)
+    for generic in (GENERIC_SIZE_KEY, *GENERIC_BACKING_KEYS):
+        values.pop(generic, None)
+    build_options(driver.create_options, values, driver.name)
+    return text
+
+
 def _backing_size(path: str, reference: BackingRef, registry: Registry) -> int:
     """Open the would-be backing chain (relative to the new image) for its size."""
     target = registry.storage_for(reference.path).resolve(reference.path, path)

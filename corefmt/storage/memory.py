@@ -61,6 +61,15 @@ class MemoryStorage(Storage):
             self._store.data[offset:offset + length] = bytes(length)
         return True
 
+    def preallocate(self, offset: int, length: int) -> bool:
+        """Memory is always allocated: only a range past the end needs growing."""
+        self._check_writable()
+        with self._store.lock:
+            store = self._store.data
+            if offset + length > len(store):
+                store.extend(bytes(offset + length - len(store)))
+        return True
+
     def allocated_size(self) -> int | None:
         return len(self._store.data)
 

@@ -379,14 +379,17 @@ class FuzzFailure:
     def signature(self) -> tuple[str, str]:
         return self.kind, self.where
 
-    def replay_command(self, format: str) -> str:
-        return f"corefmt fuzz --format {shlex.quote(format)} --replay {shlex.quote(self.spec)}"
+    def replay_command(self, format: str, options: str = "") -> str:
+        words = ["corefmt", "fuzz", "--format", format]
+        if options:
+            words += ["-o", options]
+        return shlex.join([*words, "--replay", self.spec])
 
-    def describe(self, format: str) -> str:
+    def describe(self, format: str, options: str = "") -> str:
         lines = [f"FAIL {self.kind} in {self.phase}: {self.message}",
                  f"  case {self.case_index} of seed {self.seed}"
                  + (f", seen in {self.occurrences} cases" if self.occurrences > 1 else ""),
-                 f"  replay: {self.replay_command(format)}"]
+                 f"  replay: {self.replay_command(format, options)}"]
         lines += [f"  {line}" for line in self.detail.splitlines()]
         return "\n".join(lines)
 
@@ -402,6 +405,8 @@ class FuzzReport:
     failed_cases: int = 0
     failures: list[FuzzFailure] = attrs.field(factory=list)
     elapsed: float = 0.0
+    #: The ``-o`` create options the seed images were made with.
+    options: str = ""
     #: Largest traced allocation of one case (bytes).
     peak_memory: int = 0
     #: A hang in a worker thread stops the run: the thread cannot be killed.
@@ -534,8 +539,10 @@ def _short_traceback(error: BaseException) -> str:
 class _Harness:
     """Seed images on memory storage and the run of one case against them."""
 
-    def __init__(self, format: str, registry: Registry, limits: FuzzLimits, seed: int):
+    def __init__(self, format: str, registry: Registry, limits: FuzzLimits, seed: int,
+                 options: str = ""):
         self.format = format
+        self.options = options
         self.registry = registry
         self.limits = limits
         self.seed = seed
@@ -587,7 +594,7 @@ class _Harness:
     def _write_image(self, path: str, size: int, payload: list[tuple[int, bytes]],
                      backing: str | None = None) -> None:
         try:
-            create(path, self.format, size, backing=backing,
+            create(path, self.format, size, options=self.options, backing=backing,
                    backing_format=self.format if backing else None, registry=self.registry)
             with open_chain(path, self.format, registry=self.registry) as node:
                 for offset, data in payload:
@@ -961,7 +968,7 @@ def case_strategy(seeds: dict[str, SeedImage]) -> Any:
 # -- entry points ------------------------------------------------------------------------
 def fuzz_format(name: str, examples: int = DEFAULT_EXAMPLES, seed: int = 0, *,
                 limits: FuzzLimits | None = None, registry: Registry | None = None,
-                shrink: bool = True) -> FuzzReport:
+                shrink: bool = True, options: str = "") -> FuzzReport:
     """Fuzz one installed format with ``examples`` mutated images.
 
     Deterministic for a given seed (and hypothesis version). Failures are
@@ -973,9 +980,9 @@ def fuzz_format(name: str, examples: int = DEFAULT_EXAMPLES, seed: int = 0, *,
         raise FuzzSetupError("the number of examples must not be negative")
     registry = registry or plugins.registry()
     limits = limits or FuzzLimits()
-    report = FuzzReport(format=name, seed=seed, examples=examples)
+    report = FuzzReport(format=name, seed=seed, examples=examples, options=options)
     started = time.monotonic()
-    with _Harness(name, registry, limits, seed) as harness:
+    with _Harness(name, registry, limits, seed, options) as harness:
         def one_case(case: Case) -> None:
             if report.aborted:
                 return
@@ -1043,13 +1050,13 @@ def _shrink(harness: _Harness, failure: FuzzFailure) -> None:
 
 
 def replay_case(name: str, spec: str, *, limits: FuzzLimits | None = None,
-                registry: Registry | None = None) -> FuzzReport:
+                registry: Registry | None = None, options: str = "") -> FuzzReport:
     """Run the one case a spec describes (no hypothesis needed)."""
     case = Case.parse(spec)
     registry = registry or plugins.registry()
-    report = FuzzReport(format=name, seed=0, examples=1, cases=1)
+    report = FuzzReport(format=name, seed=0, examples=1, cases=1, options=options)
     started = time.monotonic()
-    with _Harness(name, registry, limits or FuzzLimits(), seed=0) as harness:
+    with _Harness(name, registry, limits or FuzzLimits(), seed=0, options=options) as harness:
         try:
             outcome = harness.run(case, 0)
         except _RunAborted:
@@ -1062,8 +1069,9 @@ def replay_case(name: str, spec: str, *, limits: FuzzLimits | None = None,
     return report
 
 
-def mutated_image(name: str, spec: str, *, registry: Registry | None = None) -> bytes:
+def mutated_image(name: str, spec: str, *, registry: Registry | None = None,
+                  options: str = "") -> bytes:
     """The exact bytes a spec describes (to save a reproducer as a file)."""
     registry = registry or plugins.registry()
-    with _Harness(name, registry, FuzzLimits(), seed=0) as harness:
+    with _Harness(name, registry, FuzzLimits(), seed=0, options=options) as harness:
         return harness.mutate(Case.parse(spec))

@@ -44,6 +44,8 @@ class StressSummary:
 def replay_command(config: StressConfig, seed: int) -> str:
     """The one command that runs exactly this seed again."""
     words = ["corefmt", "stress", "--format", config.format]
+    if config.options:
+        words += ["-o", config.options]
     if config.base:
         words += ["--base", config.base]
     words += ["--seed", str(seed), "--size", str(config.size), "--ops", str(config.operations)]

@@ -68,6 +68,8 @@ class StressConfig:
     copy_on_read: bool = True
     #: Racing requests complete in a seed-chosen order (else in the order issued).
     delays: bool = True
+    #: ``-o`` create options of the image under test (not of the base).
+    options: str = ""
 
 
 @attrs.define
@@ -221,10 +223,10 @@ class _SeedRun:
             corefmt.create(self.base_path, config.base, config.size)
             self.sim.disk(self.base_path).alignment = alignment
             initial = _fill_base(rng, self.base_path, config.base, config.size)
-            corefmt.create(self.top_path, config.format, config.size,
+            corefmt.create(self.top_path, config.format, config.size, options=config.options,
                            backing=self.base_path, backing_format=config.base)
         else:
-            corefmt.create(self.top_path, config.format, config.size)
+            corefmt.create(self.top_path, config.format, config.size, options=config.options)
         for path in self.paths:
             disk = self.sim.disk(path)
             disk.sync()  # a finished create is durable; the test starts here

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from corefmt.cli.main import main
 from corefmt.stress.report import StressSummary, format_table, total
 from tests.conftest import run_cli
 
@@ -30,3 +31,27 @@ def test_table_and_totals_add_up():
     table = format_table([("raw", first), ("raw <- qcow2", second)]).splitlines()
     assert table[2].split() == ["raw", "2", "10", "2", "1", "0", "0"]
     assert table[3].split()[-6:] == ["3", "5", "0", "0", "4", "0"]
+
+
+def test_create_options_reach_the_image_and_the_replay_line(broken, capsys):
+    assert main(["stress", "--format", "raw-drop", "-o", "preallocation=full",
+                 "--seeds", "2"]) == 1
+    replay = next(line for line in capsys.readouterr().out.splitlines() if "replay: " in line)
+    assert "-o preallocation=full" in replay
+    assert main(replay.split("replay: ")[1].split()[1:]) == 1
+    assert "FAIL seed" in capsys.readouterr().out
+
+
+def test_bad_create_options_are_refused_before_any_run():
+    bad = run_cli("stress", "--format", "raw", "-o", "preallocation=bogus", "--seeds", "1")
+    assert bad.returncode == 1 and "preallocation" in bad.stderr and not bad.stdout
+    matrix = run_cli("stress", "--matrix", "-o", "preallocation=full", "--seeds", "1")
+    assert matrix.returncode == 1 and "--matrix" in matrix.stderr
+    fuzz = run_cli("fuzz", "--format", "raw", "-o", "nope=1")
+    assert fuzz.returncode == 1 and "Invalid parameter 'nope'" in fuzz.stderr
+
+
+def test_fuzz_takes_create_options():
+    result = run_cli("fuzz", "--format", "raw", "-o", "preallocation=falloc", "--examples", "20")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip().splitlines()[-1].startswith("cases 20, opened 20")
