@@ -116,6 +116,9 @@ class FormatDriver(abc.ABC):
     create_options: type = NoOptions
     #: Whether images of this format can have a backing image.
     supports_backing: bool = False
+    #: ``-o`` option strings ``corefmt stress --matrix`` tests the format with
+    #: ("" = defaults); a driver lists the variants worth racing and crashing.
+    stress_option_sets: tuple[str, ...] = ("",)
 
     def probe(self, head: bytes, path: str | None) -> int:
         """How sure this driver is that ``head`` starts one of its images."""

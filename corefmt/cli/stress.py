@@ -85,13 +85,17 @@ def _config(args: argparse.Namespace) -> StressConfig:
 
 
 def matrix_targets(base_config: StressConfig) -> list[StressConfig]:
-    """Every installed format alone, and every backing-capable one over each format."""
+    """Every installed format alone (in each of its stress option sets), and
+    every backing-capable one over each format."""
     registry = plugins.registry()
     names = sorted(registry.formats)
-    targets = [attrs.evolve(base_config, format=name, base=None) for name in names]
+    targets = [attrs.evolve(base_config, format=name, base=None, options=options)
+               for name in names for options in registry.formats[name].stress_option_sets]
     for name in names:
         if registry.formats[name].supports_backing:
-            targets += [attrs.evolve(base_config, format=name, base=base) for base in names]
+            targets += [attrs.evolve(base_config, format=name, base=base, options=options)
+                        for base in names
+                        for options in registry.formats[name].stress_option_sets]
     return targets
 
 

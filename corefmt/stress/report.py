@@ -82,8 +82,10 @@ TABLE_COLUMNS = (
 
 
 def target_name(config: StressConfig) -> str:
-    """'qcow2' or 'raw <- qcow2' (base first, as chains are written)."""
-    return f"{config.base} <- {config.format}" if config.base else config.format
+    """'qcow2', 'qcow2 -o lazy_refcounts=on' or 'raw <- qcow2' (base first,
+    as chains are written)."""
+    name = f"{config.base} <- {config.format}" if config.base else config.format
+    return f"{name} -o {config.options}" if config.options else name
 
 
 def format_table(rows: list[tuple[str, StressSummary]]) -> str:

@@ -55,3 +55,15 @@ def test_fuzz_takes_create_options():
     result = run_cli("fuzz", "--format", "raw", "-o", "preallocation=falloc", "--examples", "20")
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().splitlines()[-1].startswith("cases 20, opened 20")
+
+
+def test_matrix_runs_each_option_set_a_driver_declares(monkeypatch):
+    from corefmt import plugins
+    from corefmt.cli.stress import matrix_targets
+    from corefmt.stress import StressConfig
+    from corefmt.stress.report import target_name
+
+    raw = plugins.registry().format("raw")
+    monkeypatch.setattr(type(raw), "stress_option_sets", ("", "preallocation=full"))
+    names = [target_name(config) for config in matrix_targets(StressConfig(crash=True))]
+    assert "raw" in names and "raw -o preallocation=full" in names
