@@ -9,20 +9,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from corefmt.errors import OptionError
 from corefmt.ops.create import check_create_options
 from corefmt.sizes import parse_size
-from corefmt.stress.fuzz import (
-    DEFAULT_EXAMPLES,
-    DEFAULT_MEMORY_LIMIT,
-    DEFAULT_TIMEOUT,
-    FuzzLimits,
-    FuzzReport,
-    fuzz_format,
-    replay_case,
-)
+from corefmt.stress.defaults import DEFAULT_EXAMPLES, DEFAULT_MEMORY_LIMIT, DEFAULT_TIMEOUT
+
+if TYPE_CHECKING:
+    from corefmt.stress.fuzz import FuzzLimits, FuzzReport
 
 EXIT_OK = 0
 EXIT_FAILURES = 1
@@ -58,6 +53,8 @@ def _limits(args: argparse.Namespace) -> FuzzLimits:
     memory = parse_size(args.memory_limit, "memory limit")
     if memory <= 0:
         raise OptionError("--memory-limit must be positive")
+    from corefmt.stress.fuzz import FuzzLimits
+
     return FuzzLimits(timeout=args.timeout, memory=memory)
 
 
@@ -73,6 +70,8 @@ def _save(report: FuzzReport, directory: str) -> None:
 
 
 def cmd_fuzz(args: argparse.Namespace) -> int:
+    from corefmt.stress.fuzz import fuzz_format, replay_case
+
     limits = _limits(args)
     options = check_create_options(args.format, args.options)
     if args.replay:

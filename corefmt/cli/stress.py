@@ -10,7 +10,7 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -18,19 +18,14 @@ from corefmt import plugins
 from corefmt.errors import OptionError
 from corefmt.ops.create import check_create_options
 from corefmt.sizes import parse_size
-from corefmt.stress.report import StressSummary, describe_failure, format_table, target_name, total
-from corefmt.stress.runner import (
-    DEFAULT_OPERATIONS,
-    DEFAULT_SIZE,
-    SeedResult,
-    StressConfig,
-    run_seeds,
-)
-from corefmt.stress.workload import SECTOR_SIZE
+from corefmt.stress.defaults import DEFAULT_OPERATIONS, DEFAULT_SEEDS, DEFAULT_SIZE, SECTOR_SIZE
+
+if TYPE_CHECKING:
+    from corefmt.stress.report import StressSummary
+    from corefmt.stress.runner import SeedResult, StressConfig
 
 EXIT_OK = 0
 EXIT_MISMATCH = 1
-DEFAULT_SEEDS = 100
 
 
 def add_stress_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -65,6 +60,7 @@ def add_stress_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace) -> StressConfig:
+    from corefmt.stress.runner import StressConfig
     size = parse_size(args.size, "image size")
     if size <= 0 or size % SECTOR_SIZE:
         raise OptionError(f"Invalid image size '{args.size}': must be whole 512-byte sectors")
@@ -100,6 +96,8 @@ def matrix_targets(base_config: StressConfig) -> list[StressConfig]:
 
 
 def cmd_matrix(args: argparse.Namespace, base_config: StressConfig) -> int:
+    from corefmt.stress.report import format_table, target_name, total
+    from corefmt.stress.runner import run_seeds
     seeds = list(_seeds(args))
     rows: list[tuple[str, StressSummary]] = []
     for config in matrix_targets(base_config):
@@ -121,6 +119,7 @@ def _seeds(args: argparse.Namespace) -> range | list[int]:
 
 
 def _reporter(config: StressConfig, verbose: bool) -> Callable[[SeedResult], None]:
+    from corefmt.stress.report import describe_failure
     def report(result: SeedResult) -> None:
         if not result.ok:
             print("\n".join(describe_failure(config, result)), flush=True)
@@ -131,6 +130,7 @@ def _reporter(config: StressConfig, verbose: bool) -> Callable[[SeedResult], Non
 
 
 def cmd_stress(args: argparse.Namespace) -> int:
+    from corefmt.stress.runner import run_seeds
     config = _config(args)
     if args.matrix:
         return cmd_matrix(args, config)

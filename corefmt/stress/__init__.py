@@ -4,9 +4,27 @@
 says which contents every sector may hold (now, and after a power cut),
 ``runner`` drives a seed against images on the simulated storage and
 ``report`` sums seeds up. The ``corefmt stress`` verb is the front end.
+The names below load on first use, so the CLI starts without the testers.
 """
 
-from corefmt.stress.report import StressSummary
-from corefmt.stress.runner import SeedResult, StressConfig, run_seed, run_seeds
+from __future__ import annotations
 
-__all__ = ["SeedResult", "StressConfig", "StressSummary", "run_seed", "run_seeds"]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "StressSummary": "corefmt.stress.report",
+    "SeedResult": "corefmt.stress.runner",
+    "StressConfig": "corefmt.stress.runner",
+    "run_seed": "corefmt.stress.runner",
+    "run_seeds": "corefmt.stress.runner",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'corefmt.stress' has no attribute '{name}'")
+    return getattr(importlib.import_module(module), name)

@@ -49,12 +49,12 @@ from corefmt.ops.create import create
 from corefmt.registry import PROBE_HEAD_SIZE, Registry
 from corefmt.storage.memory import PREFIX as MEMORY_PREFIX
 from corefmt.storage.memory import MemoryStorageDriver
+from corefmt.stress.defaults import DEFAULT_EXAMPLES, DEFAULT_MEMORY_LIMIT, DEFAULT_TIMEOUT
 
 KiB = 1024
 MiB = 1024 * KiB
 SECTOR_SIZE = 512
 
-DEFAULT_EXAMPLES = 200
 #: Virtual sizes of the seed images: small, so a case takes milliseconds.
 DATA_IMAGE_SIZE = 1 * MiB
 EMPTY_IMAGE_SIZE = 192 * KiB
@@ -95,10 +95,8 @@ SAMPLE_LENGTH = 64 * KiB
 #: negative offsets count from the end of the image.
 WRITE_PROBES = ((100, 1536), (-4 * KiB, 700))
 
-DEFAULT_TIMEOUT = 10.0
 #: An outer alarm that came due during a case fires this soon after it.
 MIN_REARM_SECONDS = 0.001
-DEFAULT_MEMORY_LIMIT = 256 * MiB
 #: Address space a case may add before allocations fail: this many times the
 #: memory limit, at least the minimum. It keeps a bad header from taking the
 #: machine down (and from spending seconds filling pages) before tracemalloc

@@ -26,6 +26,7 @@ from corefmt.block.queue import RequestQueue
 from corefmt.driver import has_capability
 from corefmt.errors import CorefmtError
 from corefmt.storage.simulated import SimDisk, SimStorageDriver, request_tag
+from corefmt.stress.defaults import DEFAULT_OPERATIONS, DEFAULT_SIZE
 from corefmt.stress.faults import FaultPlan, plan_faults
 from corefmt.stress.model import MAX_MESSAGES, ImageModel, Outcome
 from corefmt.stress.qemu_check import applies_to, qemu_check
@@ -43,9 +44,6 @@ from corefmt.stress.workload import (
     generate,
 )
 
-MiB = 1024 * 1024
-DEFAULT_SIZE = MiB
-DEFAULT_OPERATIONS = 40
 #: Storage request alignments a seed picks from (512: disks, 4096: O_DIRECT-like).
 ALIGNMENTS = (1, SECTOR_SIZE, 4096)
 BASE_EXTENTS = 8
