@@ -69,15 +69,19 @@ _SUFFIXES = {"B": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50, "E": 60}
 _FRACTION_RE = re.compile(r"\.([0-9]+)([eE][+-]?[0-9]+)?")
 
 
-def _strtoull(text: str, start: int, base: int) -> tuple[int, int, bool]:
-    """C strtoull: (value, end index, overflowed); end == start when nothing parsed."""
-    position = start
+def _skip_space_and_sign(text: str, position: int) -> tuple[int, bool]:
+    """What C's strtol family skips first: white space, then one sign."""
     while position < len(text) and text[position] in _SPACES:
         position += 1
-    negative = False
+    negative = position < len(text) and text[position] == "-"
     if position < len(text) and text[position] in "+-":
-        negative = text[position] == "-"
         position += 1
+    return position, negative
+
+
+def _strtoull(text: str, start: int, base: int) -> tuple[int, int, bool]:
+    """C strtoull: (value, end index, overflowed); end == start when nothing parsed."""
+    position, negative = _skip_space_and_sign(text, start)
     if (base == 16 and text[position:position + 2] in ("0x", "0X")
             and position + 2 < len(text) and text[position + 2] in _HEX_DIGITS):
         position += 2
@@ -201,13 +205,7 @@ def _number(text: str | None, shown: str | None = None) -> int:
 
 def _strtol(text: str) -> tuple[int, int]:
     """C strtol with base 0: (value, end index); end 0 when nothing parsed."""
-    position = 0
-    while position < len(text) and text[position] in _SPACES:
-        position += 1
-    negative = False
-    if position < len(text) and text[position] in "+-":
-        negative = text[position] == "-"
-        position += 1
+    position, negative = _skip_space_and_sign(text, 0)
     rest = text[position:]
     if rest[:2] in ("0x", "0X") and len(rest) > 2 and rest[2] in _HEX_DIGITS:
         base, position, digits = 16, position + 2, _HEX_DIGITS
