@@ -35,7 +35,8 @@ def add_stress_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--format", "-f", default="raw", help="format under test (default raw)")
     parser.add_argument("-o", dest="options", action="append",
                         help="create options of the image under test (key=value,...)")
-    parser.add_argument("--base", help="also test a chain: the base image's format")
+    parser.add_argument("--base", help="also test a chain: the base image's format, or a "
+                                       "chain of them bottom first (e.g. raw,qcow2)")
     parser.add_argument("--seeds", type=int, default=DEFAULT_SEEDS,
                         help=f"how many seeds to run (default {DEFAULT_SEEDS})")
     parser.add_argument("--first-seed", type=int, default=0, help="first seed (default 0)")
@@ -68,10 +69,11 @@ def _config(args: argparse.Namespace) -> StressConfig:
         raise OptionError("--ops and --seeds must not be negative")
     registry = plugins.registry()
     registry.format(args.format)
-    if args.base:
-        registry.format(args.base)
-        if not registry.format(args.format).supports_backing:
-            raise OptionError(f"Format {args.format} does not support backing files")
+    chain = [name.strip() for name in args.base.split(",")] if args.base else []
+    for depth, name in enumerate([*chain, args.format]):
+        driver = registry.format(name)
+        if depth > 0 and not driver.supports_backing:
+            raise OptionError(f"Format {name} does not support backing files")
     if args.matrix and args.options:
         raise OptionError("-o applies to one format: use it with --format, not --matrix")
     options = check_create_options(args.format, args.options)
@@ -81,8 +83,9 @@ def _config(args: argparse.Namespace) -> StressConfig:
 
 
 def matrix_targets(base_config: StressConfig) -> list[StressConfig]:
-    """Every installed format alone (in each of its stress option sets), and
-    every backing-capable one over each format."""
+    """Every installed format alone (in each of its stress option sets),
+    every backing-capable one over each format, and three-image chains
+    raw <- A <- B of every two backing-capable formats."""
     registry = plugins.registry()
     names = sorted(registry.formats)
     targets = [attrs.evolve(base_config, format=name, base=None, options=options)
@@ -92,6 +95,10 @@ def matrix_targets(base_config: StressConfig) -> list[StressConfig]:
             targets += [attrs.evolve(base_config, format=name, base=base, options=options)
                         for base in names
                         for options in registry.formats[name].stress_option_sets]
+    layered = [name for name in names if registry.formats[name].supports_backing]
+    if "raw" in registry.formats:
+        targets += [attrs.evolve(base_config, format=top, base=f"raw,{middle}", options="")
+                    for middle in layered for top in layered]
     return targets
 
 

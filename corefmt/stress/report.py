@@ -84,7 +84,8 @@ TABLE_COLUMNS = (
 def target_name(config: StressConfig) -> str:
     """'qcow2', 'qcow2 -o lazy_refcounts=on' or 'raw <- qcow2' (base first,
     as chains are written)."""
-    name = f"{config.base} <- {config.format}" if config.base else config.format
+    chain = [*(config.base.split(",") if config.base else []), config.format]
+    name = " <- ".join(chain)
     return f"{name} -o {config.options}" if config.options else name
 
 

@@ -58,6 +58,7 @@ class StressConfig:
     """What to test; the CLI options map one to one onto these fields."""
 
     format: str = "raw"
+    #: The chain below the image under test, bottom first: "raw" or "raw,qcow2".
     base: str | None = None
     size: int = DEFAULT_SIZE
     operations: int = DEFAULT_OPERATIONS
@@ -124,10 +125,16 @@ def _outcome(node: BlockNode, op: Op, plan: FaultPlan, disk: SimDisk) -> Outcome
     return Outcome(True, data=data, injected=plan.was_fired(op.tag))
 
 
+def base_formats(config: StressConfig) -> list[str]:
+    """The formats of the chain below the image under test, bottom first."""
+    return [name.strip() for name in config.base.split(",")] if config.base else []
+
+
 def _fill_base(rng: random.Random, path: str, format: str, size: int) -> bytes:
-    """Random data in a few extents of the base image; returns its content."""
-    content = bytearray(size)
+    """Random data in a few extents of a base layer; returns what the chain
+    down from it holds (each layer of a deeper chain adds its own extents)."""
     with corefmt.open(path, format) as base:
+        content = bytearray(base.read(0, size))
         for _ in range(BASE_EXTENTS):
             length = rng.randint(1, min(BASE_EXTENT_MAX, size))
             offset = rng.randrange(0, size - length + 1)
@@ -158,11 +165,12 @@ class _SeedRun:
         self.sim = _sim_driver()
         prefix = _unused_prefix(self.sim, f"sim:stress-{seed}")
         self.top_path = f"{prefix}-top"
-        self.base_path = f"{prefix}-base" if config.base else None
+        self.base_formats = base_formats(config)
+        self.base_paths = [f"{prefix}-base{depth}" for depth in range(len(self.base_formats))]
 
     @property
     def paths(self) -> list[str]:
-        return [path for path in (self.top_path, self.base_path) if path]
+        return [self.top_path, *self.base_paths]
 
     def run(self) -> SeedResult:
         try:
@@ -217,12 +225,19 @@ class _SeedRun:
         config, rng = self.config, self.rng
         alignment = rng.choice(ALIGNMENTS)
         initial = bytes(config.size)
-        if self.base_path is not None and config.base is not None:
-            corefmt.create(self.base_path, config.base, config.size)
-            self.sim.disk(self.base_path).alignment = alignment
-            initial = _fill_base(rng, self.base_path, config.base, config.size)
+        below: tuple[str, str] | None = None  # (path, format) of the layer below
+        for path, format in zip(self.base_paths, self.base_formats, strict=True):
+            if below is None:
+                corefmt.create(path, format, config.size)
+            else:
+                corefmt.create(path, format, config.size, backing=below[0],
+                               backing_format=below[1])
+            self.sim.disk(path).alignment = alignment
+            initial = _fill_base(rng, path, format, config.size)
+            below = (path, format)
+        if below is not None:
             corefmt.create(self.top_path, config.format, config.size, options=config.options,
-                           backing=self.base_path, backing_format=config.base)
+                           backing=below[0], backing_format=below[1])
         else:
             corefmt.create(self.top_path, config.format, config.size, options=config.options)
         for path in self.paths:

@@ -14,12 +14,13 @@ def test_matrix_covers_every_format_and_chain(blockmap):
     header, rows, last = lines[0], lines[2:-1], lines[-1]
     assert header.split()[:3] == ["target", "seeds", "operations"]
     names = [row.split("  ")[0].strip() for row in rows]
-    assert names == ["blockmap", "raw", "blockmap <- blockmap", "raw <- blockmap"]
+    assert names == ["blockmap", "raw", "blockmap <- blockmap", "raw <- blockmap",
+                     "raw <- blockmap <- blockmap"]
     for row in rows:
         cells = row.split()[-6:]
         assert cells[0] == "3" and cells[2] == "3"  # seeds, crash points
         assert cells[4:] == ["0", "0"]  # mismatches, check failures
-    assert last.startswith("operations ") and ", crashes 12, " in last
+    assert last.startswith("operations ") and ", crashes 15, " in last
 
 
 def test_table_and_totals_add_up():
@@ -67,3 +68,19 @@ def test_matrix_runs_each_option_set_a_driver_declares(monkeypatch):
     monkeypatch.setattr(type(raw), "stress_option_sets", ("", "preallocation=full"))
     names = [target_name(config) for config in matrix_targets(StressConfig(crash=True))]
     assert "raw" in names and "raw -o preallocation=full" in names
+
+
+def test_three_image_chain_reads_every_layer_and_survives_crashes(blockmap):
+    from corefmt.stress import StressConfig, run_seeds
+
+    config = StressConfig(format="blockmap", base="raw,blockmap", crash=True, errors=True)
+    summary = run_seeds(config, range(15))
+    assert summary.ok, summary.line()
+    assert summary.crashes == 15 and summary.operations > 150
+
+
+def test_chain_formats_are_validated(blockmap):
+    chained = run_cli("stress", "--format", "raw", "--base", "raw,blockmap", "--seeds", "1")
+    assert chained.returncode == 1 and "Format raw does not support backing" in chained.stderr
+    middle = run_cli("stress", "--format", "blockmap", "--base", "blockmap,raw", "--seeds", "1")
+    assert middle.returncode == 1 and "Format raw does not support backing" in middle.stderr
