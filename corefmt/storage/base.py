@@ -61,8 +61,14 @@ class Storage(abc.ABC):
         return False
 
     def data_extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
-        """(offset, length, is_data) runs; stores without holes say all data."""
-        return [(offset, length, True)]
+        """(offset, length, is_data) runs covering a range, from ``data_run``."""
+        runs: list[tuple[int, int, bool]] = []
+        position, end = offset, offset + length
+        while position < end:
+            is_data, run = self.data_run(position, end - position)
+            runs.append((position, run, is_data))
+            position += run
+        return runs
 
     def data_run(self, offset: int, length: int) -> tuple[bool, int]:
         """Whether ``offset`` is in data or a hole, and how long that run is

@@ -215,21 +215,6 @@ class FileStorage(Storage):
         return ok
 
     # -- sparseness -----------------------------------------------------------
-    def data_extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
-        end = offset + length
-        file_size = self.size()
-        runs: list[tuple[int, int, bool]] = []
-        position = offset
-        while position < end:
-            if position >= file_size:
-                runs.append((position, end - position, False))
-                break
-            is_data, run_end = self._probe_run(position, file_size)
-            run_end = min(run_end, end)
-            runs.append((position, run_end - position, is_data))
-            position = run_end
-        return runs
-
     def data_run(self, offset: int, length: int) -> tuple[bool, int]:
         file_size = self.size()
         if offset >= file_size:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import attrs
 
 from corefmt.block.align import align_up
@@ -52,9 +50,6 @@ class RawImage(Image):
 
     def truncate(self, size: int) -> None:
         self.storage.truncate(size)
-
-    def info(self) -> dict[str, Any]:
-        return {}
 
 
 class RawDriver(FormatDriver):
