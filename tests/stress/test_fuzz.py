@@ -55,10 +55,25 @@ SUMMARY = re.compile(r"cases (\d+), opened (\d+), refused (\d+), failures (\d+)"
 
 
 # -- deliberately fragile drivers -------------------------------------------------------
+def _variant(base: type, name: str, image: type) -> Any:
+    """A driver like ``base`` that opens ``image`` and is never probed (so it
+    only runs where a test names it)."""
+    from corefmt.driver import PROBE_NO
+
+    class Variant(base):  # type: ignore[misc, valid-type]
+        def probe(self, head: bytes, path: str | None) -> int:
+            return PROBE_NO
+
+        def open(self, storage: Any, context: Any) -> Any:
+            return image(storage, context)
+
+    Variant.name = name
+    return Variant()
+
+
 def _raw_variants() -> list[Any]:
     from corefmt_raw.driver import RawDriver, RawImage
 
-    from corefmt.driver import PROBE_NO
 
     class FlooredImage(RawImage):
         """Rounds the size down to 4 KiB: a file's tail goes missing."""
@@ -86,27 +101,17 @@ def _raw_variants() -> list[Any]:
             if head[4:] == GREEDY_MARK:
                 self.scratch = bytearray(int.from_bytes(head[:4], "big"))
 
-    def variant(name: str, image: type) -> Any:
-        class Variant(RawDriver):
-            fuzz_guest_view = staticmethod(fuzz.raw_guest_view)  # what raw must read
+    class RawVariant(RawDriver):
+        fuzz_guest_view = staticmethod(fuzz.raw_guest_view)  # what raw must read
 
-            def probe(self, head: bytes, path: str | None) -> int:
-                return PROBE_NO
-
-            def open(self, storage: Any, context: Any) -> Any:
-                return image(storage, context)
-
-        Variant.name = name
-        return Variant()
-
-    return [variant("raw-floored", FlooredImage), variant("raw-spinning", SpinningImage),
-            variant("raw-greedy", GreedyImage)]
+    return [_variant(RawVariant, "raw-floored", FlooredImage),
+            _variant(RawVariant, "raw-spinning", SpinningImage),
+            _variant(RawVariant, "raw-greedy", GreedyImage)]
 
 
 def _blockmap_variants() -> list[Any]:
     from corefmt_blockmap import driver as blockmap
 
-    from corefmt.driver import PROBE_NO
 
     class TrustingImage(blockmap.BlockMapImage):
         """The blockmap of before the fuzzer: header sizes and table entries trusted."""
@@ -130,19 +135,8 @@ def _blockmap_variants() -> list[Any]:
             if offset % self.block_size == 0 and bytes(buf[:8]) == blockmap.MAGIC:
                 buf[:self.block_size] = bytes(len(buf[:self.block_size]))
 
-    def variant(name: str, image: type) -> Any:
-        class Variant(blockmap.BlockMapDriver):
-            def probe(self, head: bytes, path: str | None) -> int:
-                return PROBE_NO
-
-            def open(self, storage: Any, context: Any) -> Any:
-                return image(storage, context)
-
-        Variant.name = name
-        return Variant()
-
-    return [variant("blockmap-trusting", TrustingImage),
-            variant("blockmap-magic-blind", MagicBlindImage)]
+    return [_variant(blockmap.BlockMapDriver, "blockmap-trusting", TrustingImage),
+            _variant(blockmap.BlockMapDriver, "blockmap-magic-blind", MagicBlindImage)]
 
 
 class _VariantPlugin:
