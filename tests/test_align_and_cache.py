@@ -1,4 +1,5 @@
-"""Read-modify-write alignment, tracked requests and the metadata cache."""
+"""Read-modify-write alignment and tracked requests (the metadata cache has
+tests/test_metadata_cache.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,6 @@ from hypothesis import strategies as st
 
 from corefmt.block.align import write_unaligned
 from corefmt.block.tracked import RequestTracker
-from corefmt.cache import MetadataCache
-from corefmt.storage.memory import MemoryStorageDriver
 
 
 @settings(max_examples=200, deadline=None)
@@ -58,53 +57,3 @@ def test_tracker_serialises_only_conflicting_requests():
     assert order == ["writer done", "reader"]
     with tracker.track(0, 10, exclusive=False), tracker.track(0, 10, exclusive=False):
         assert tracker.in_flight == 2
-
-
-class _LoggingStorage:
-    """Wraps a memory store and records writes and flushes in order."""
-
-    def __init__(self, name):
-        self.inner = MemoryStorageDriver().create(name)
-        self.log = []
-
-    def readinto(self, offset, buf):
-        self.inner.readinto(offset, buf)
-
-    def write(self, offset, data):
-        self.log.append(("write", offset))
-        self.inner.write(offset, data)
-
-    def flush(self):
-        self.log.append(("flush", None))
-
-
-def test_cache_flush_order_follows_dependency():
-    storage = _LoggingStorage("memory:cache-order")
-    refcounts = MetadataCache("refcount", storage, 512, 8)
-    tables = MetadataCache("l2", storage, 512, 8)
-    tables.set_dependency(refcounts)
-    refcounts.get_empty(0x1000)[0] = 1
-    table = tables.get(0x2000)
-    table[0] = 7
-    tables.mark_dirty(0x2000)
-    tables.flush()
-    assert storage.log == [("write", 0x1000), ("flush", None), ("write", 0x2000)]
-    assert storage.inner.read(0x2000, 1) == b"\x07"
-
-
-def test_cache_evicts_least_recently_used_and_writes_dirty_victims():
-    storage = _LoggingStorage("memory:cache-lru")
-    cache = MetadataCache("t", storage, 512, 4)
-    for index in range(4):
-        cache.get(index * 512)
-    cache.get(0)  # 0 is now most recently used
-    cache.get(4 * 512)  # evicts 512 (clean: nothing written)
-    assert storage.log == []
-    for offset in (0, 1024, 1536, 2048):
-        cache.get(offset)[0] = 9
-        cache.mark_dirty(offset)
-    cache.get(5 * 512)  # all dirty: the least recently used is written back
-    assert storage.log == [("write", 0)]
-    assert storage.inner.read(0, 1) == b"\x09"
-    assert cache.get(0)[0] == 9  # read back from storage
-    assert cache.misses == 7
