@@ -36,6 +36,11 @@ class ReadOnlyError(CorefmtError):
     """A write was attempted on something opened read-only."""
 
 
+class NotSupported(CorefmtError):
+    """A driver declines a request for this image (QEMU's -ENOTSUP): the
+    block layer emulates it where it can, else reports this message."""
+
+
 class RangeError(CorefmtError):
     """A request that reaches outside the image."""
 

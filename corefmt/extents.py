@@ -17,8 +17,10 @@ class Extent:
     ``allocated`` means this layer decides the content (it does not fall
     through to the backing image); ``zero`` means reads return zeros;
     ``data`` means the bytes are stored (they may still happen to be zero).
-    ``host_offset`` is where the data lives in the layer's storage, if that
-    is a simple mapping.
+    ``host_offset`` is where the data lives, if that is a simple mapping,
+    in the child named by ``host_child`` (``file``, or ``data_file`` for an
+    image with an external data file). ``compressed`` data has no simple
+    mapping (qemu-img map prints no offset for it).
     """
 
     offset: int
@@ -27,6 +29,8 @@ class Extent:
     zero: bool
     allocated: bool = True
     host_offset: int | None = None
+    compressed: bool = False
+    host_child: str = "file"
 
     @property
     def end(self) -> int:
@@ -34,7 +38,8 @@ class Extent:
 
     def same_kind(self, other: Extent) -> bool:
         """Whether two extents can be reported as one run."""
-        if (self.data, self.zero, self.allocated) != (other.data, other.zero, other.allocated):
+        if (self.data, self.zero, self.allocated, self.compressed, self.host_child) != (
+                other.data, other.zero, other.allocated, other.compressed, other.host_child):
             return False
         if self.host_offset is None or other.host_offset is None:
             return self.host_offset is None and other.host_offset is None
@@ -45,8 +50,10 @@ class Extent:
 class ChainExtent:
     """Block status merged over a backing chain.
 
-    ``node`` is the layer that holds the content (None past the end of every
-    layer: reads as zero); ``depth`` counts layers from the top (0 = top).
+    ``node`` is the node whose request path reads the content: the layer
+    that holds it, or the filter on the edge to it (None past the end of
+    every layer: reads as zero); ``depth`` counts layers from the top
+    (0 = top; filters are not layers).
     """
 
     offset: int
@@ -56,6 +63,8 @@ class ChainExtent:
     depth: int
     node: BlockNode | None
     host_offset: int | None = None
+    compressed: bool = False
+    host_child: str = "file"
 
     @property
     def end(self) -> int:
@@ -66,8 +75,8 @@ class ChainExtent:
         return self.node is not None
 
     def same_kind(self, other: ChainExtent) -> bool:
-        if (self.data, self.zero, self.depth, self.node) != (
-            other.data, other.zero, other.depth, other.node
+        if (self.data, self.zero, self.depth, self.node, self.compressed, self.host_child) != (
+            other.data, other.zero, other.depth, other.node, other.compressed, other.host_child
         ):
             return False
         if self.host_offset is None or other.host_offset is None:

@@ -82,16 +82,53 @@ def choice(*allowed: Any) -> Callable[[Any, attrs.Attribute, Any], None]:
     return check
 
 
+#: qemu-img's ``-o help`` type words, by converter.
+KIND_SIZE, KIND_BOOL, KIND_NUMBER, KIND_STRING = "size", "bool (on/off)", "num", "str"
+
+
 def option(default: Any, help: str, converter: Callable | None = None,
-           validator: Callable | None = None) -> Any:
-    """An attrs field that is also a documented create option."""
+           validator: Callable | None = None, *, kind: str | None = None,
+           protocol: bool = False) -> Any:
+    """An attrs field that is also a documented option.
+
+    ``kind`` is the type ``-o help`` shows (worked out from the converter
+    when not given); ``protocol`` marks an option qemu keeps on the file
+    (protocol) level, which ``create -o help`` lists only with a filename.
+    """
+    if kind is None:
+        kind = {to_size: KIND_SIZE, to_bool: KIND_BOOL, int: KIND_NUMBER}.get(
+            converter, KIND_STRING)  # type: ignore[arg-type]
     return attrs.field(default=default, converter=converter, validator=validator,
-                       metadata={"help": help})
+                       metadata={"help": help, "kind": kind, "protocol": protocol})
+
+
+@attrs.frozen
+class OptionHelp:
+    """One line of ``-o help``."""
+
+    name: str
+    help: str
+    default: Any
+    kind: str = KIND_STRING
+    protocol: bool = False
+
+    def line(self) -> str:
+        """qemu-img's layout (``"  %-22s - %s"``)."""
+        return f"  {f'{self.name}=<{self.kind}>':<22} - {self.help}"
 
 
 def option_help(cls: type) -> list[tuple[str, str, Any]]:
     """(name, help, default) for every option of a driver's options class."""
     return [(f.name, f.metadata.get("help", ""), f.default) for f in attrs.fields(cls)]
+
+
+def option_help_entries(cls: type | None) -> list[OptionHelp]:
+    """Every option of an options class with its ``-o help`` type."""
+    if cls is None:
+        return []
+    return [OptionHelp(f.name, f.metadata.get("help", ""), f.default,
+                       f.metadata.get("kind", KIND_STRING), f.metadata.get("protocol", False))
+            for f in attrs.fields(cls)]
 
 
 def build_options(cls: type, values: Mapping[str, Any], format_name: str) -> Any:

@@ -8,6 +8,7 @@ from corefmt.errors import CorefmtError, UnknownFormatError
 
 if TYPE_CHECKING:
     from corefmt.driver import FormatDriver
+    from corefmt.filters.base import FilterDriver, StorageFilterDriver
     from corefmt.storage.base import StorageDriver
 
 #: How many bytes of an image probes get to see.
@@ -20,14 +21,25 @@ class Registry:
     def __init__(self) -> None:
         self.formats: dict[str, FormatDriver] = {}
         self.storages: dict[str, StorageDriver] = {}
+        self.filters: dict[str, FilterDriver | StorageFilterDriver] = {}
 
     # -- registration ---------------------------------------------------------
     def add_format(self, driver: FormatDriver) -> None:
-        if not driver.name:
-            raise CorefmtError(f"format driver {driver!r} has no name")
-        if driver.name in self.formats:
-            raise CorefmtError(f"format '{driver.name}' is registered twice")
+        self._check_new_name(driver, "format")
         self.formats[driver.name] = driver
+
+    def add_filter(self, driver: FilterDriver | StorageFilterDriver) -> None:
+        """A node filter (copy-on-read, throttle...) or a storage filter (blkdebug)."""
+        self._check_new_name(driver, "filter")
+        self.filters[driver.name] = driver
+
+    def _check_new_name(self, driver: object, kind: str) -> None:
+        """Formats and filters share one namespace: qemu's ``driver`` key."""
+        name = getattr(driver, "name", "")
+        if not name:
+            raise CorefmtError(f"{kind} driver {driver!r} has no name")
+        if name in self.formats or name in self.filters:
+            raise CorefmtError(f"{kind} '{name}' is registered twice")
 
     def add_storage(self, driver: StorageDriver) -> None:
         if driver.name in self.storages:
@@ -43,6 +55,12 @@ class Registry:
             raise UnknownFormatError(
                 f"Unknown file format '{name}' (installed formats: {known})"
             ) from None
+
+    def filter(self, name: str) -> FilterDriver | StorageFilterDriver:
+        try:
+            return self.filters[name]
+        except KeyError:
+            raise UnknownFormatError(f"Unknown driver '{name}'") from None
 
     def storage_for(self, path: str) -> StorageDriver:
         """The storage driver a path belongs to: by prefix, else ``file``."""

@@ -1,7 +1,11 @@
-"""Opening an image with its whole backing chain.
+"""Opening a node graph: an image with its children and backing chain.
 
-Backing paths are resolved relative to the overlay; a recorded backing
-format is used as it is (never probed away); only an unrecorded one is
+What to open is a *spec* (``corefmt.block.imagespec``): a plain filename
+plus format, a ``json:{...}`` name, ``--image-opts`` text or a dict, with
+QEMU's keys (``driver``, ``file``, ``backing``, ``data-file``, filters as
+drivers with a child). A backing the spec does not give is the one the
+image records: its path resolves relative to the overlay, a recorded
+format is used as it is (never probed away), only an unrecorded one is
 probed. Loops and over-deep chains are refused; a missing backing file is
 reported by name.
 """
@@ -9,16 +13,35 @@ reported by name.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
 
 from corefmt import plugins
-from corefmt.block.node import BlockNode
-from corefmt.driver import FormatDriver, ImageContext
-from corefmt.errors import BackingChainError, CorefmtError
+from corefmt.block.filter_node import FilterNode
+from corefmt.block.image_node import ImageNode
+from corefmt.block.imagespec import is_json_filename, parse_json_filename
+from corefmt.block.node import ROLE_BACKING, BlockNode
+from corefmt.driver import BackingRef, FormatDriver, ImageContext
+from corefmt.errors import BackingChainError, CorefmtError, OptionError
+from corefmt.filters.base import LAYER_STORAGE, FilterContext
+from corefmt.options import build_options, to_bool
 from corefmt.registry import PROBE_HEAD_SIZE, Registry
 from corefmt.storage.base import Storage
 
 #: qemu has no fixed limit; this keeps recursion-free code and memory bounded.
 MAX_CHAIN_DEPTH = 1000
+#: qemu's protocol driver names that mean a local file here.
+FILE_PROTOCOLS = ("file", "host_device", "host_cdrom")
+#: Keys every node takes (qemu's generic block options).
+KEY_DRIVER, KEY_NODE_NAME, KEY_READ_ONLY, KEY_CACHE = "driver", "node-name", "read-only", "cache"
+KEY_FILE, KEY_FILENAME, KEY_BACKING, KEY_DATA_FILE = "file", "filename", "backing", "data-file"
+#: Accepted for scripts written for qemu; they change nothing here (no image
+#: locking yet, so nothing to share; read-only opening is decided by the verb).
+KEYS_WITHOUT_EFFECT = ("force-share", "auto-read-only", "discard", "detect-zeroes")
+
+_RECORDED = object()  # "backing" not given: open what the image records
 
 
 def probe_format(storage: Storage, registry: Registry) -> FormatDriver:
@@ -39,75 +62,310 @@ def _identity(path: str) -> str:
     return os.path.realpath(path) if os.path.exists(path) else path
 
 
-def open_node(path: str, format: str | None = None, *, read_only: bool = False,
-              direct: bool = False, registry: Registry | None = None) -> BlockNode:
-    """Open one image without its backing chain."""
-    registry = registry or plugins.registry()
-    storage_driver = registry.storage_for(path)
-    storage = storage_driver.open(path, read_only=read_only, direct=direct)
+def to_spec(image: str | Mapping[str, Any], format: str | None = None,
+            options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Any way of naming an image as a spec dict."""
+    if isinstance(image, Mapping):
+        spec = dict(image)
+    elif is_json_filename(image):
+        spec = parse_json_filename(image)
+    else:
+        spec = {KEY_FILE: {KEY_FILENAME: image}}
+    if format is not None:
+        if spec.get(KEY_DRIVER, format) != format:
+            raise OptionError(f"format '{format}' conflicts with driver "
+                              f"'{spec[KEY_DRIVER]}' of the image options")
+        spec[KEY_DRIVER] = format
+    for key, value in (options or {}).items():
+        spec.setdefault(key, value)
+    return spec
+
+
+def build_open_options(driver: Any, values: Mapping[str, Any], kind: str) -> Any:
+    """A driver's open options from spec keys; unknown keys as qemu names them."""
+    cls = getattr(driver, "open_options", None)
+    known = {field.name for field in attrs.fields(cls)} if cls is not None else set()
+    for key in values:
+        if key.replace("-", "_") not in known:
+            raise OptionError(f"Block {kind} '{driver.name}' does not support the option "
+                              f"'{key}'")
+    return build_options(cls, values, driver.name)
+
+
+def _flag(value: Any, name: str) -> bool:
     try:
-        driver = registry.format(format) if format else probe_format(storage, registry)
-        node = BlockNode(storage=storage, driver=driver, filename=path, read_only=read_only,
-                         hooks=plugins.plugin_manager().hook)
-        context = ImageContext(path=path, read_only=read_only, read_below=node.read_below)
-        node.attach(driver.open(storage, context))
-    except BaseException:
-        storage.close()
-        raise
-    return node
+        return to_bool(value)
+    except ValueError:
+        raise OptionError(f"Parameter '{name}' expects 'on' or 'off'") from None
 
 
-def open_chain(path: str, format: str | None = None, *, read_only: bool = False,
-               backing: bool = True, copy_on_read: bool = False, direct: bool = False,
-               registry: Registry | None = None,
-               max_depth: int = MAX_CHAIN_DEPTH) -> BlockNode:
-    """Open ``path`` and (unless ``backing`` is False) every image below it."""
-    registry = registry or plugins.registry()
-    top = open_node(path, format, read_only=read_only, direct=direct, registry=registry)
-    top.copy_on_read = copy_on_read
-    if not backing:
+class GraphBuilder:
+    """Opens one graph; on failure closes everything it opened."""
+
+    def __init__(self, registry: Registry, *, direct: bool = False,
+                 max_depth: int = MAX_CHAIN_DEPTH):
+        self.registry = registry
+        self.direct = direct
+        self.max_depth = max_depth
+        self.hooks = plugins.plugin_manager().hook
+        self.opened: list[BlockNode] = []
+        #: Image nodes whose spec gave no backing: their recorded one is opened.
+        self.wanting_backing: list[ImageNode] = []
+
+    def build(self, spec: Mapping[str, Any], *, read_only: bool, backing: bool = True
+              ) -> BlockNode:
+        try:
+            top = self.open(spec, read_only=read_only)
+            if backing:
+                for node in list(self.wanting_backing):
+                    self._open_recorded_chain(node, top)
+        except BaseException:
+            self.close_all()
+            raise
         return top
-    try:
-        _open_backing_chain(top, registry, max_depth, direct)
-    except BaseException:
-        top.close()
-        raise
-    return top
 
+    def close_all(self) -> None:
+        for node in reversed(self.opened):
+            try:
+                node._close_one()
+            except Exception:
+                pass
 
-def _open_backing_chain(top: BlockNode, registry: Registry, max_depth: int,
-                        direct: bool) -> None:
-    seen = {_identity(top.filename)}
-    node = top
-    depth = 0
-    while node._image.backing is not None:
-        reference = node._image.backing
-        depth += 1
-        if depth > max_depth:
-            raise BackingChainError(
-                f"{top.filename}: backing chain is deeper than {max_depth} images"
-            )
-        storage_driver = registry.storage_for(reference.path)
+    # -- one node ---------------------------------------------------------------
+    def open(self, spec: Mapping[str, Any], *, read_only: bool) -> BlockNode:
+        name = spec.get(KEY_DRIVER)
+        if name is None or name in self.registry.formats:
+            return self._open_image(spec, read_only=read_only)
+        if name in self.registry.filters:
+            driver = self.registry.filters[name]
+            if driver.layer == LAYER_STORAGE:  # qemu: the protocol layer, format probed on top
+                return self._open_image({KEY_FILE: spec}, read_only=read_only)
+            return self._open_filter(driver, spec, read_only=read_only)
+        if name in FILE_PROTOCOLS or name in self.registry.storages:
+            # A protocol node alone shows its bytes: raw over it.
+            return self._open_image({KEY_DRIVER: "raw", KEY_FILE: spec}, read_only=read_only)
+        self.registry.format(name)  # raises: names the installed formats
+        raise AssertionError(name)
+
+    def _generic(self, spec: dict[str, Any], read_only: bool) -> tuple[str | None, bool]:
+        """Take the keys every node has out of ``spec``."""
+        spec.pop(KEY_DRIVER, None)
+        node_name = spec.pop(KEY_NODE_NAME, None)
+        if KEY_READ_ONLY in spec:
+            read_only = _flag(spec.pop(KEY_READ_ONLY), KEY_READ_ONLY) or read_only
+        cache = spec.pop(KEY_CACHE, None)
+        if isinstance(cache, Mapping):
+            unknown = set(cache) - {"direct", "no-flush"}
+            if unknown:
+                raise OptionError(f"Invalid parameter 'cache.{sorted(unknown)[0]}'")
+            if "direct" in cache:
+                self.direct = _flag(cache["direct"], "cache.direct") or self.direct
+        for key in KEYS_WITHOUT_EFFECT:
+            spec.pop(key, None)
+        return node_name, read_only
+
+    def _open_image(self, given: Mapping[str, Any], *, read_only: bool,
+                    follow_backing: bool = True) -> ImageNode:
+        spec = dict(given)
+        driver_name = spec.get(KEY_DRIVER)
+        node_name, read_only = self._generic(spec, read_only)
+        file_spec = spec.pop(KEY_FILE, None)
+        if file_spec is None and KEY_FILENAME in spec:
+            file_spec = {KEY_FILENAME: spec.pop(KEY_FILENAME)}
+        if file_spec is None:
+            raise OptionError(f"no file given for the {driver_name or 'image'} node "
+                              "(use file.filename=...)")
+        backing_spec = spec.pop(KEY_BACKING, _RECORDED)
+        data_file_spec = spec.pop(KEY_DATA_FILE, None)
+        storage, filename = self.open_storage(file_spec, read_only=read_only)
+        try:
+            driver = (self.registry.format(driver_name) if driver_name
+                      else probe_format(storage, self.registry))
+            if backing_spec is not _RECORDED and not driver.supports_backing:
+                raise OptionError(f"Block format '{driver.name}' does not support the "
+                                  f"option '{KEY_BACKING}'")
+            options = build_open_options(driver, spec, "format")
+            node = ImageNode(storage=storage, driver=driver, filename=filename,
+                             read_only=read_only, hooks=self.hooks, node_name=node_name)
+        except BaseException:
+            storage.close()
+            raise
+        self.opened.append(node)
+        overrides = {} if data_file_spec is None else {"data_file": data_file_spec}
+        context = ImageContext(
+            path=filename, read_only=read_only, read_below=node.read_below, options=options,
+            open_child=lambda role, path, format=None, **kw: self.open_child(
+                node, role, path, format=format, override=overrides.get(role), **kw),
+            emit=node.emit)
+        node.attach(driver.open(storage, context))
+        if backing_spec is _RECORDED:
+            if follow_backing:
+                self.wanting_backing.append(node)
+        elif backing_spec not in (None, ""):
+            below_spec = (to_spec(backing_spec) if isinstance(backing_spec, str)
+                          else dict(backing_spec))
+            node.set_backing(self.open(below_spec, read_only=True))
+        return node
+
+    def _open_filter(self, driver: Any, given: Mapping[str, Any], *,
+                     read_only: bool) -> FilterNode:
+        spec = dict(given)
+        node_name, read_only = self._generic(spec, read_only)
+        children: dict[str, Any] = {}
+        for key in (driver.child_key, *driver.extra_children):
+            if key not in spec:
+                raise OptionError(f"the {driver.name} filter needs a '{key}' child")
+            value = spec.pop(key)
+            children[key] = to_spec(value) if isinstance(value, str) else dict(value)
+        options = build_open_options(driver, spec, "filter")
+        child = self.open(children.pop(driver.child_key), read_only=read_only)
+        extras = {key: self.open(value, read_only=read_only) for key, value in children.items()}
+        node = FilterNode(driver=driver, child=child, read_only=read_only, hooks=self.hooks,
+                          node_name=node_name)
+        self.opened.append(node)
+        for key, extra in extras.items():
+            node.add_child(key, extra)
+        node.attach(driver.open(child, options, FilterContext(read_only=read_only,
+                                                              children=extras)))
+        return node
+
+    # -- storage ------------------------------------------------------------------
+    def open_storage(self, given: str | Mapping[str, Any], *, read_only: bool
+                     ) -> tuple[Storage, str]:
+        """A ``file`` child: a filename, a protocol dict, or storage filters over one."""
+        spec = {KEY_FILENAME: given} if isinstance(given, str) else dict(given)
+        name = spec.pop(KEY_DRIVER, None)
+        if name is not None and name in self.registry.filters:
+            driver = self.registry.filters[name]
+            if driver.layer != LAYER_STORAGE:
+                raise OptionError(f"'{name}' filters nodes, not files: put it above the "
+                                  "format node")
+            inner = spec.pop(driver.child_key, None)
+            if inner is None:
+                raise OptionError(f"the {name} filter needs an '{driver.child_key}' child")
+            options = build_open_options(driver, spec, "filter")
+            storage, filename = self.open_storage(inner, read_only=read_only)
+            try:
+                return driver.wrap(storage, options), filename
+            except BaseException:
+                storage.close()
+                raise
+        spec.pop(KEY_NODE_NAME, None)
+        for key in KEYS_WITHOUT_EFFECT:
+            spec.pop(key, None)
+        if spec.pop("locking", None) not in (None, "auto", "on", "off", True, False):
+            raise OptionError("Parameter 'locking' expects 'auto', 'on' or 'off'")
+        filename = spec.pop(KEY_FILENAME, None)
+        if not isinstance(filename, str) or not filename:
+            raise OptionError("The 'file' block driver requires a file name")
+        if spec:
+            protocol = name or "file"
+            raise OptionError(f"Block protocol '{protocol}' doesn't support the option "
+                              f"'{sorted(spec)[0]}'")
+        storage_driver = (self.registry.storages[name]
+                          if name in self.registry.storages and name != "file"
+                          else self.registry.storage_for(filename))
+        return storage_driver.open(filename, read_only=read_only, direct=self.direct), filename
+
+    def open_child(self, node: ImageNode, role: str, path: str, *, format: str | None = None,
+                   override: Any = None, read_only: bool | None = None) -> Any:
+        """A driver's extra child (``data_file``): the user's spec for it if one
+        was given, else ``path`` resolved against the image's directory."""
+        read_only = node.read_only if read_only is None else read_only
+        if override is None:
+            target = self.registry.storage_for(path).resolve(path, node.filename)
+            if not self.registry.storage_for(target).exists(target):
+                raise CorefmtError(f"Could not open {role} '{printable(target)}' of "
+                                   f"'{node.filename}': No such file or directory")
+            override = {KEY_FILE: {KEY_FILENAME: target}}
+            if format is not None:
+                override[KEY_DRIVER] = format
+        elif isinstance(override, str):
+            override = {KEY_FILE: {KEY_FILENAME: override}}
+        if format is None and KEY_DRIVER not in override:
+            file_spec = override.get(KEY_FILE, override)
+            child: Any = self.open_storage(file_spec, read_only=read_only)[0]
+        else:
+            child = self.open(override, read_only=read_only)
+        node.add_child(role, child)
+        return child
+
+    # -- the recorded chain ---------------------------------------------------------
+    def _open_recorded_chain(self, start: ImageNode, top: BlockNode) -> None:
+        seen = {_identity(layer.filename) for layer in top.chain()}
+        node: ImageNode = start
+        depth = len(start.chain()) - 1
+        while node.backing is None and node._image.backing is not None:
+            reference = node._image.backing
+            depth += 1
+            if depth > self.max_depth:
+                raise BackingChainError(
+                    f"{top.filename}: backing chain is deeper than {self.max_depth} images")
+            below = self._open_backing(node, reference, seen)
+            node.set_backing(below)
+            node = below
+
+    def _open_backing(self, node: ImageNode, reference: BackingRef, seen: set[str]
+                      ) -> ImageNode:
+        storage_driver = self.registry.storage_for(reference.path)
         target = storage_driver.resolve(reference.path, node.filename)
         if _identity(target) in seen:
             raise BackingChainError(
                 f"{node.filename}: backing file '{printable(reference.path)}' "
-                "makes a loop in the chain"
-            )
-        if not registry.storage_for(target).exists(target):
+                "makes a loop in the chain")
+        if not self.registry.storage_for(target).exists(target):
             raise BackingChainError(
                 f"Could not open backing file '{printable(target)}' of '{node.filename}': "
-                "No such file or directory"
-            )
+                "No such file or directory")
+        spec: dict[str, Any] = {KEY_FILE: {KEY_FILENAME: target}}
+        if reference.format:
+            spec[KEY_DRIVER] = reference.format
         try:
-            below = open_node(target, reference.format, read_only=True, direct=direct,
-                              registry=registry)
+            below = self._open_image(spec, read_only=True, follow_backing=False)
         except BackingChainError:
             raise
         except CorefmtError as error:
             raise BackingChainError(
-                f"Could not open backing file '{printable(target)}' of '{node.filename}': {error}"
-            ) from error
+                f"Could not open backing file '{printable(target)}' of '{node.filename}': "
+                f"{error}") from error
         seen.add(_identity(target))
-        node.set_backing(below)
-        node = below
+        return below
+
+
+def open_graph(image: str | Mapping[str, Any], format: str | None = None, *,
+               read_only: bool = False, backing: bool = True, copy_on_read: bool = False,
+               direct: bool = False, options: Mapping[str, Any] | None = None,
+               registry: Registry | None = None,
+               max_depth: int = MAX_CHAIN_DEPTH) -> BlockNode:
+    """Open an image (filename, ``json:`` name or spec dict) with its graph.
+
+    ``copy_on_read`` puts a copy-on-read filter (sync mode) on top.
+    """
+    registry = registry or plugins.registry()
+    spec = to_spec(image, format, options)
+    if copy_on_read:
+        spec = {KEY_DRIVER: "copy-on-read", KEY_FILE: spec}
+    builder = GraphBuilder(registry, direct=direct, max_depth=max_depth)
+    return builder.build(spec, read_only=read_only, backing=backing)
+
+
+def open_node(path: str, format: str | None = None, *, read_only: bool = False,
+              direct: bool = False, registry: Registry | None = None) -> BlockNode:
+    """Open one image without its backing chain."""
+    return open_graph(path, format, read_only=read_only, backing=False, direct=direct,
+                      registry=registry)
+
+
+def open_chain(path: str | Mapping[str, Any], format: str | None = None, *,
+               read_only: bool = False, backing: bool = True, copy_on_read: bool = False,
+               direct: bool = False, registry: Registry | None = None,
+               max_depth: int = MAX_CHAIN_DEPTH,
+               options: Mapping[str, Any] | None = None) -> BlockNode:
+    """Open ``path`` and (unless ``backing`` is False) every image below it."""
+    return open_graph(path, format, read_only=read_only, backing=backing,
+                      copy_on_read=copy_on_read, direct=direct, options=options,
+                      registry=registry, max_depth=max_depth)
+
+
+__all__ = ["ROLE_BACKING", "GraphBuilder", "open_chain", "open_graph", "open_node",
+           "printable", "probe_format", "to_spec"]

@@ -553,7 +553,7 @@ class IoSession:
         self._print(cvtstr(self.node.virtual_size))
 
     def info(self, name: str, words: list[str]) -> None:
-        image = self.node._image
+        image = self.node.layer()._image  # type: ignore[attr-defined]
         self._print(f"format name: {self.node.format_name}")
         self._print(f"cluster size: {cvtstr(image.cluster_size or 0)}")
         self._print(f"vm state offset: {cvtstr(0)}")

@@ -11,24 +11,25 @@ from corefmt.sizes import human_size
 
 def node_info(node: BlockNode) -> dict[str, Any]:
     """qemu-img info --output=json's keys, in its order."""
-    image = node._image
+    layer = node.layer()
+    image = layer._image  # type: ignore[attr-defined]
     info: dict[str, Any] = {"virtual-size": node.virtual_size, "filename": node.filename}
     if image.cluster_size:
         info["cluster-size"] = image.cluster_size
-    info["format"] = node.format_name
-    actual = node.storage.allocated_size()
+    info["format"] = node.driver_name
+    actual = layer.storage.allocated_size()
     if actual is not None:
         info["actual-size"] = actual
     specific = image.info()
     if specific:
-        info["format-specific"] = {"type": node.format_name, "data": specific}
+        info["format-specific"] = {"type": layer.format_name, "data": specific}
     if image.backing is not None:
         info["backing-filename"] = image.backing.path
-        if node.backing is not None:
-            info["full-backing-filename"] = node.backing.filename
+        if layer.backing is not None:
+            info["full-backing-filename"] = layer.backing.filename
         if image.backing.format:
             info["backing-filename-format"] = image.backing.format
-    info["dirty-flag"] = False
+    info["dirty-flag"] = bool(image.dirty)
     return info
 
 

@@ -1,0 +1,459 @@
+"""ImageNode: a node holding one open Image of some format.
+
+It does what is not specific to a format: merged block status over the
+chain (iteratively: chains may be hundreds of images deep), reads split by
+it, alignment (read-modify-write), request splitting to the driver's
+limits, tracked requests, copy-on-read fills, request flags for drivers
+that predate them, and the emulation of optional capabilities (or of a
+request the driver declines with NotSupported).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from corefmt.block.align import align_down, align_up, aligned_range, write_unaligned
+from corefmt.block.node import ROLE_FILE, BlockNode
+from corefmt.block.status_cache import ChainStatusCache
+from corefmt.driver import FormatDriver, Image, accepts_keyword, supports
+from corefmt.errors import CorefmtError, ImageError, NotSupported, RangeError
+from corefmt.extents import ChainExtent, Extent, merge_runs
+from corefmt.flags import RequestFlags
+from corefmt.limits import Limits
+
+if TYPE_CHECKING:
+    import pluggy
+
+    from corefmt.storage.base import Storage
+
+#: Largest zero buffer the write_zeroes emulation writes at once.
+ZERO_WRITE_CHUNK = 1024 * 1024
+_ZEROS = bytes(ZERO_WRITE_CHUNK)
+
+#: Debug events the core emits for every format (QEMU's names, as its raw
+#: driver emits them), so fault injection works on formats that emit none.
+EVENT_READ = "read_aio"
+EVENT_WRITE = "write_aio"
+EVENT_FLUSH = "flush_to_disk"
+
+
+class ImageNode(BlockNode):
+    """An open image plus its children (storage, backing, data file)."""
+
+    def __init__(self, *, storage: Storage, driver: FormatDriver, filename: str,
+                 read_only: bool, hooks: pluggy.HookRelay | None = None,
+                 node_name: str | None = None):
+        super().__init__(filename=filename, read_only=read_only, hooks=hooks,
+                         node_name=node_name)
+        self.children[ROLE_FILE] = storage
+        self.driver = driver
+        self.image: Image | None = None
+        self._limits = Limits()
+        self._write_takes_flags = self._zeroes_take_flags = False
+        self._event_sinks: list[Any] = []
+        if read_only:
+            self._status_cache = ChainStatusCache(self._walk_chain, lambda: self.virtual_size)
+
+    # -- graph ------------------------------------------------------------------
+    def attach(self, image: Image) -> None:
+        """Adopt the driver's Image and learn what it takes."""
+        self.image = image
+        self._limits = image.limits
+        self._write_takes_flags = accepts_keyword(image.write, "flags")
+        zeroes = getattr(image, "write_zeroes", None)
+        self._zeroes_take_flags = zeroes is not None and accepts_keyword(zeroes, "flags")
+        self._event_sinks = [child for child in self.children.values()
+                             if callable(getattr(child, "debug_event", None))]
+
+    def add_child(self, role: str, child: Any) -> None:
+        super().add_child(role, child)
+        if callable(getattr(child, "debug_event", None)):
+            self._event_sinks.append(child)
+
+    @property
+    def storage(self) -> Storage:
+        return self.children[ROLE_FILE]  # type: ignore[return-value]
+
+    @property
+    def driver_name(self) -> str:
+        return self.driver.name
+
+    @property
+    def virtual_size(self) -> int:
+        return self._image.virtual_size
+
+    @property
+    def limits(self) -> Limits:
+        self._image  # noqa: B018 - a closed node has no limits
+        return self._limits
+
+    @property
+    def _image(self) -> Image:
+        if self.image is None or self._closed:
+            raise CorefmtError(f"{self.filename}: image is closed")
+        return self.image
+
+    def emit(self, event: str) -> None:
+        """A named point in a request or a driver's update sequence: fault
+        injection filters on the storage below act on it."""
+        for sink in self._event_sinks:
+            sink.debug_event(event)
+
+    # -- block status ---------------------------------------------------------
+    def own_status(self, offset: int, length: int) -> list[Extent]:
+        """The image's own block status over a range, merged into runs."""
+        image = self._image
+        extents: list[Extent] = []
+        position, end = offset, offset + length
+        while position < end:
+            extent = image.block_status(position, end - position)
+            if extent.offset != position or not 0 < extent.length <= end - position:
+                raise ImageError(self.filename, "block status", position,
+                                 f"driver returned an invalid extent {extent}")
+            extents.append(extent)
+            position += extent.length
+        return merge_runs(extents)
+
+    def block_status(self, offset: int, length: int) -> list[ChainExtent]:
+        """Status merged over the whole chain, covering [offset, offset+length).
+
+        ``node`` of an extent is the node whose request path reads it: this
+        node, or the entry node (a filter, or the image) of a lower layer.
+        """
+        self._check_range(offset, length)
+        if length == 0:
+            return []
+        if self._status_cache is not None:
+            return self._status_cache.lookup(offset, length)
+        result: list[ChainExtent] = []
+        below = self.backing
+        for extent in self.own_status(offset, length):
+            if extent.allocated:
+                result.append(_chain_extent(extent, 0, self))
+            elif below is not None and below.layer()._status_cache is not None:
+                result.extend(self._status_below(extent.offset, extent.length))
+            else:
+                result.extend(self._walk_chain(extent.offset, extent.length, skip_self=True))
+        return merge_runs(result)
+
+    def _status_below(self, offset: int, length: int) -> list[ChainExtent]:
+        """Status of a range this node leaves to its (cached) backing node."""
+        below = self.backing
+        assert below is not None
+        end = offset + length
+        below_end = min(end, below.virtual_size)
+        result: list[ChainExtent] = []
+        if offset < below_end:
+            for extent in below.block_status(offset, below_end - offset):
+                result.append(ChainExtent(extent.offset, extent.length, extent.data, extent.zero,
+                                          extent.depth + 1, extent.node, extent.host_offset,
+                                          extent.compressed, extent.host_child))
+        if end > max(offset, below_end):
+            start = max(offset, below_end)
+            result.append(ChainExtent(start, end - start, False, True, 0, None))
+        return result
+
+    def _walk_chain(self, offset: int, length: int, skip_self: bool = False) -> list[ChainExtent]:
+        """Merged status computed layer by layer, without recursion (chains may
+        be hundreds of images deep). Each layer is reached through its entry
+        node (the backing edge's node, maybe a filter), which reads serve."""
+        result: list[ChainExtent] = []
+        pending = [(offset, length)]
+        entry: BlockNode = self
+        layer: BlockNode = self
+        depth = 0
+        if skip_self:
+            if self.backing is None:
+                return [ChainExtent(offset, length, False, True, 0, None)]
+            entry = self.backing
+            layer, depth = entry.layer(), 1
+            pending = _clip_to(entry, pending, result, 0)
+        while pending:
+            unallocated: list[tuple[int, int]] = []
+            for start, run in pending:
+                for extent in layer.own_status(start, run):
+                    if extent.allocated:
+                        result.append(_chain_extent(extent, depth, entry))
+                    else:
+                        unallocated.append((extent.offset, extent.length))
+            below = layer.backing
+            if below is None:
+                result.extend(ChainExtent(start, run, False, True, depth, None)
+                              for start, run in unallocated)
+                break
+            pending = _clip_to(below, unallocated, result, depth)
+            entry, layer, depth = below, below.layer(), depth + 1
+        result.sort(key=lambda extent: extent.offset)
+        return merge_runs(result)
+
+    # -- reads ------------------------------------------------------------------
+    def readinto(self, offset: int, buf: bytearray | memoryview,
+                 flags: RequestFlags = RequestFlags.NONE) -> None:
+        view = memoryview(buf).cast("B")
+        length = len(view)
+        self._check_range(offset, length)
+        if length == 0:
+            return
+        self._observe("read", offset, length)
+        start, end = aligned_range(offset, length, self.request_alignment)
+        with self._tracker.track(start, end, exclusive=False):
+            extents = self._read_extents(offset, view)
+        below = [e for e in extents if e.depth > 0 and e.node is not None]
+        if below and self._wants_copy_on_read(offset, length, flags):
+            for extent in below:
+                self.copy_up(extent.offset, extent.length,
+                             view[extent.offset - offset:extent.end - offset])
+
+    def _read_extents(self, offset: int, view: memoryview) -> list[ChainExtent]:
+        """Fill ``view`` from the chain; the caller holds the tracked range."""
+        extents = self.block_status(offset, len(view))
+        for extent in extents:
+            part = view[extent.offset - offset:extent.end - offset]
+            if extent.node is None or extent.zero:
+                part[:] = bytes(len(part))
+            elif extent.node is self:
+                self._read_own(extent.offset, part)
+            else:
+                extent.node.readinto(extent.offset, part)  # the lower layer's request path
+        return extents
+
+    def _read_own(self, offset: int, view: memoryview) -> None:
+        image = self._image
+        self.emit(EVENT_READ)
+        step = self._limits.max_transfer or len(view)
+        for done in range(0, len(view), step):
+            image.readinto(offset + done, view[done:done + step])
+
+    def _read_untracked(self, offset: int, length: int) -> bytes:
+        """Read for read-modify-write: an aligned block may run past the end
+        of an image whose size is not a multiple of the alignment (zeros)."""
+        buf = bytearray(length)
+        inside = max(0, min(length, self.virtual_size - offset))
+        if inside:
+            self._read_extents(offset, memoryview(buf)[:inside])
+        return bytes(buf)
+
+    # -- copy-on-read -------------------------------------------------------------
+    def _wants_copy_on_read(self, offset: int, length: int, flags: RequestFlags) -> bool:
+        if self.read_only:
+            return False
+        decision = None
+        if self._hooks is not None and self._hooks.corefmt_copy_on_read.get_hookimpls():
+            decision = self._hooks.corefmt_copy_on_read(node=self, offset=offset, length=length)
+        wanted = bool(flags & RequestFlags.COPY_ON_READ)
+        return wanted if decision is None else bool(decision)
+
+    def copy_up(self, offset: int, length: int, data: bytes | memoryview | None = None) -> int:
+        """Fill this layer with what the chain below holds for a range widened
+        to the copy granularity, where it is still unallocated here; a guest
+        write that got there first wins. ``data``, if given, is what a read
+        already fetched for [offset, offset+len(data)) and is not read again."""
+        self._check_writable()
+        self._observe("copy_on_read", offset, length)
+        granularity = max(self._limits.copy_granularity, self.request_alignment)
+        start = align_down(offset, granularity)
+        end = min(align_up(offset + length, granularity), self.virtual_size)
+        track_start, track_end = aligned_range(start, end - start, self.request_alignment)
+        written = 0
+        with self._tracker.track(track_start, track_end, exclusive=True):
+            for own in self.own_status(start, end - start):
+                if own.allocated:
+                    continue  # a guest write landed meanwhile: it wins
+                fill = self._fill_data(own.offset, own.length, offset, data)
+                if fill.count(0) == len(fill) and supports(self._image, "write_zeroes"):
+                    self._zero_with_driver(own.offset, own.length, RequestFlags.NONE)
+                else:
+                    self._write_aligned(own.offset, memoryview(fill), RequestFlags.FILL)
+                written += own.length
+        if written:
+            self._invalidate_status()
+        return written
+
+    def _fill_data(self, start: int, length: int, offset: int,
+                   data: bytes | memoryview | None) -> bytes | bytearray:
+        """Below's bytes for [start, start+length): from ``data`` where it covers
+        them (it was read from below at ``offset``), the rest read now."""
+        if data is None:
+            return self.read_below(start, length)
+        end = start + length
+        known_start, known_end = max(start, offset), min(end, offset + len(data))
+        if known_start >= known_end:
+            return self.read_below(start, length)
+        fill = bytearray(length)
+        fill[known_start - start:known_end - start] = data[known_start - offset:
+                                                           known_end - offset]
+        if known_start > start:
+            fill[:known_start - start] = self.read_below(start, known_start - start)
+        if end > known_end:
+            fill[known_end - start:] = self.read_below(known_end, end - known_end)
+        return fill
+
+    # -- writes -------------------------------------------------------------------
+    def write(self, offset: int, data: bytes | bytearray | memoryview,
+              flags: RequestFlags = RequestFlags.NONE) -> None:
+        view = memoryview(data).cast("B")
+        self._check_writable()
+        self._check_range(offset, len(view))
+        if not view:
+            return
+        if flags & RequestFlags.COMPRESSED and not supports(self._image, "write_compressed"):
+            raise NotSupported(f"{self.filename}: compression is not supported for the "
+                               f"{self.format_name} format")
+        self._observe("write", offset, len(view))
+        start, end = aligned_range(offset, len(view), self.request_alignment)
+        with self._tracker.track(start, end, exclusive=True):
+            self._write_aligned(offset, view, flags)
+        self._invalidate_status()
+
+    def _write_aligned(self, offset: int, view: memoryview, flags: RequestFlags) -> None:
+        write_unaligned(offset, view, self.request_alignment, self._read_untracked,
+                        lambda at, piece: self._write_own(at, piece, flags))
+
+    def _write_own(self, offset: int, data: bytes | memoryview, flags: RequestFlags) -> None:
+        """An aligned write to the driver, cut at max_transfer, flags honoured."""
+        image = self._image
+        view = memoryview(data)
+        step = self._limits.max_transfer or len(view)
+        self.emit(EVENT_WRITE)
+        for done in range(0, len(view), step):
+            if self._write_takes_flags:
+                image.write(offset + done, view[done:done + step], flags=flags)
+            else:
+                image.write(offset + done, view[done:done + step])
+        if flags & RequestFlags.FUA and not self._write_takes_flags:
+            image.flush()
+
+    def write_zeroes(self, offset: int, length: int, unmap: bool = False,
+                     flags: RequestFlags = RequestFlags.NONE) -> None:
+        """Make a range read as zeros (by the driver where it can, else by
+        writing zeros, unless NO_FALLBACK asks to fail instead)."""
+        self._check_writable()
+        self._check_range(offset, length)
+        if length == 0:
+            return
+        if unmap:
+            flags |= RequestFlags.MAY_UNMAP
+        self._observe("write_zeroes", offset, length)
+        start, end = aligned_range(offset, length, self.request_alignment)
+        with self._tracker.track(start, end, exclusive=True):
+            self._zero_with_driver(offset, length, flags)
+        self._invalidate_status()
+
+    def _zero_with_driver(self, offset: int, length: int, flags: RequestFlags) -> None:
+        alignment = max(self._limits.zeroes_alignment, self.request_alignment)
+        end = offset + length
+        inner_start, inner_end = align_up(offset, alignment), align_down(end, alignment)
+        if inner_end <= inner_start:
+            self._zero_fallback(offset, length, flags)
+            return
+        if inner_start > offset:
+            self._zero_fallback(offset, inner_start - offset, flags)
+        try:
+            self._driver_zeroes(inner_start, inner_end - inner_start, flags)
+        except NotSupported:
+            self._zero_fallback(inner_start, inner_end - inner_start, flags)
+        if end > inner_end:
+            self._zero_fallback(inner_end, end - inner_end, flags)
+
+    def _driver_zeroes(self, offset: int, length: int, flags: RequestFlags) -> None:
+        image = self._image
+        if not supports(image, "write_zeroes"):
+            raise NotSupported(f"{self.filename}: the {self.format_name} format cannot "
+                               "write zeroes efficiently")
+        unmap = bool(flags & RequestFlags.MAY_UNMAP)
+        step = self._limits.max_transfer or length
+        self.emit(EVENT_WRITE)
+        for done in range(0, length, step):
+            piece = min(step, length - done)
+            if self._zeroes_take_flags:
+                image.write_zeroes(offset + done, piece, unmap, flags=flags)
+            else:
+                image.write_zeroes(offset + done, piece, unmap)
+        if flags & RequestFlags.FUA and not self._zeroes_take_flags:
+            image.flush()
+
+    def _zero_fallback(self, offset: int, length: int, flags: RequestFlags) -> None:
+        if flags & RequestFlags.NO_FALLBACK:
+            raise NotSupported(f"{self.filename}: cannot zero {length} bytes at {offset} "
+                               "without writing them")
+        self._write_zero_bytes(offset, length, flags & ~RequestFlags.MAY_UNMAP)
+
+    def _write_zero_bytes(self, offset: int, length: int,
+                          flags: RequestFlags = RequestFlags.NONE) -> None:
+        position, end = offset, offset + length
+        while position < end:
+            step = min(ZERO_WRITE_CHUNK, end - position)
+            self._write_aligned(position, memoryview(_ZEROS)[:step], flags)
+            position += step
+
+    def discard(self, offset: int, length: int) -> None:
+        """Tell the image a range is unused; a no-op for drivers that cannot."""
+        self._check_writable()
+        self._check_range(offset, length)
+        if length == 0 or not supports(self._image, "discard"):
+            return
+        self._observe("discard", offset, length)
+        alignment = max(self._limits.discard_alignment, self.request_alignment)
+        inner_start = align_up(offset, alignment)
+        inner_end = align_down(offset + length, alignment)
+        if inner_end <= inner_start:
+            return
+        step = self._limits.max_transfer or (inner_end - inner_start)
+        with self._tracker.track(inner_start, inner_end, exclusive=True):
+            try:
+                for position in range(inner_start, inner_end, step):
+                    self._image.discard(position, min(step, inner_end - position))
+            except NotSupported:
+                pass  # discard is a hint: declining it loses nothing
+        self._invalidate_status()
+
+    def flush(self) -> None:
+        if self.read_only:
+            return
+        self._observe("flush", 0, 0)
+        self.emit(EVENT_FLUSH)
+        self._image.flush()
+
+    def truncate(self, size: int) -> None:
+        self._check_writable()
+        if size < 0:
+            raise RangeError(f"{self.filename}: size must not be negative")
+        if not supports(self._image, "truncate"):
+            raise CorefmtError(f"{self.filename}: format {self.format_name} cannot be resized")
+        with self._tracker.track(0, max(size, self.virtual_size) + 1, exclusive=True):
+            self._image.truncate(size)
+        self._invalidate_status()
+
+    # -- lifetime -------------------------------------------------------------------
+    def _release(self) -> None:
+        storage = self.storage
+        try:
+            if self.image is not None:
+                self.image.close()
+            else:
+                storage.close()
+        finally:
+            storage.close()
+            for role, child in self.children.items():
+                if role != ROLE_FILE and not isinstance(child, BlockNode):
+                    child.close()  # a Storage child (data file)
+
+
+def _chain_extent(extent: Extent, depth: int, node: BlockNode) -> ChainExtent:
+    return ChainExtent(extent.offset, extent.length, extent.data, extent.zero, depth, node,
+                       extent.host_offset, extent.compressed, extent.host_child)
+
+
+def _clip_to(below: BlockNode, ranges: list[tuple[int, int]], result: list[ChainExtent],
+             depth: int) -> list[tuple[int, int]]:
+    """Ranges inside ``below``; the parts past its end read as zeros."""
+    size = below.virtual_size
+    inside: list[tuple[int, int]] = []
+    for start, run in ranges:
+        end = start + run
+        if start < size:
+            inside.append((start, min(end, size) - start))
+        if end > max(start, size):
+            tail = max(start, size)
+            result.append(ChainExtent(tail, end - tail, False, True, depth, None))
+    return inside

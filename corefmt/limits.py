@@ -1,0 +1,39 @@
+"""What a driver tells the block layer about the requests it can take."""
+
+from __future__ import annotations
+
+import attrs
+
+
+@attrs.frozen
+class Limits:
+    """Request limits of one open image (QEMU's BlockLimits).
+
+    The block layer aligns and splits requests so a driver only ever sees
+    what it declared: writes by read-modify-write to ``request_alignment``,
+    write_zeroes and discard trimmed to their alignments (the unaligned
+    edges of a zeroing become written zeros; of a discard, nothing),
+    every request cut at ``max_transfer``. ``copy_granularity`` is the unit
+    of copy-on-write inside the format (a cluster or block): copy-on-read
+    widens its fills to it, and ``corefmt stress`` sizes requests around it
+    so partial-unit writes are always exercised.
+    """
+
+    request_alignment: int = 1
+    zeroes_alignment: int = 1
+    discard_alignment: int = 1
+    #: Largest request the driver takes at once (None: no limit).
+    max_transfer: int | None = None
+    copy_granularity: int = 1
+
+    def __attrs_post_init__(self) -> None:
+        for name in ("request_alignment", "zeroes_alignment", "discard_alignment",
+                     "copy_granularity"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two, not {value}")
+        if self.max_transfer is not None and (
+                self.max_transfer < self.request_alignment
+                or self.max_transfer % self.request_alignment):
+            raise ValueError(f"max_transfer {self.max_transfer} is not a multiple of "
+                             f"request_alignment {self.request_alignment}")
