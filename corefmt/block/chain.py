@@ -12,6 +12,7 @@ reported by name.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -126,10 +127,8 @@ class GraphBuilder:
 
     def close_all(self) -> None:
         for node in reversed(self.opened):
-            try:
+            with contextlib.suppress(Exception):  # the original error is the one to report
                 node._close_one()
-            except Exception:
-                pass
 
     # -- one node ---------------------------------------------------------------
     def open(self, spec: Mapping[str, Any], *, read_only: bool) -> BlockNode:

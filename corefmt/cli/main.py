@@ -9,6 +9,7 @@ from typing import NoReturn
 
 from corefmt import plugins
 from corefmt.block.chain import open_chain
+from corefmt.block.imagespec import parse_image_opts
 from corefmt.cli.fuzz import add_fuzz_parser
 from corefmt.cli.iocmd import run_commands
 from corefmt.cli.stress import add_stress_parser
@@ -17,7 +18,7 @@ from corefmt.ops import info as info_op
 from corefmt.ops import map as map_op
 from corefmt.ops.compare import compare_nodes
 from corefmt.ops.convert import CACHE_MODES, DEFAULT_CACHE_MODE, DEFAULT_WORKERS, convert
-from corefmt.ops.create import create
+from corefmt.ops.create import create, create_option_help
 from corefmt.options import option_help, parse_option_string
 from corefmt.sizes import parse_size
 
@@ -46,6 +47,32 @@ def _print_error(message: str) -> None:
     sys.stderr.write(f"{PROGRAM}: {message}\n")
 
 
+#: ``-o`` values that ask for the option list instead (qemu-img's).
+HELP_WORDS = ("help", "?")
+
+
+def _wants_option_help(options: list[str] | None) -> bool:
+    return bool(options) and any(word in HELP_WORDS
+                                 for text in options for word in text.split(","))
+
+
+def _image(args: argparse.Namespace, name: str, format: str | None = None):
+    """A verb's image argument: a filename (``json:`` names included) or, with
+    ``--image-opts``, qemu's key=value graph options."""
+    value = getattr(args, name)
+    if getattr(args, "image_opts", False):
+        if format:
+            raise UsageError("--image-opts and --format are mutually exclusive")
+        return parse_image_opts(value)
+    return value
+
+
+def _add_image_opts(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--image-opts", action="store_true",
+                        help="the image is given as key=value options (driver=...,"
+                             "file.filename=...), as qemu-img's --image-opts")
+
+
 # -- verbs --------------------------------------------------------------------------
 def cmd_formats(args: argparse.Namespace) -> int:
     registry = plugins.registry()
@@ -55,11 +82,17 @@ def cmd_formats(args: argparse.Namespace) -> int:
         print(f"\n{name}:" + ("  (backing files supported)" if driver.supports_backing else ""))
         for option, help_text, default in option_help(driver.create_options):
             print(f"  {option:<20} {help_text} (default: {default})")
+    print("\nFilters: " + " ".join(sorted(registry.filters)))
     print("\nStorage: " + " ".join(sorted(registry.storages)))
     return EXIT_OK
 
 
 def cmd_create(args: argparse.Namespace) -> int:
+    if _wants_option_help(args.options):
+        print(create_option_help(args.format, with_protocol=bool(args.filename)))
+        return EXIT_OK
+    if not args.filename:
+        raise UsageError("Expecting image file name")
     options = parse_option_string(",".join(args.options)) if args.options else {}
     create(args.filename, args.format, args.size, options=options,
            backing=args.backing, backing_format=args.backing_format)
@@ -74,7 +107,8 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    with open_chain(args.filename, args.format, read_only=True) as node:
+    with open_chain(_image(args, "filename", args.format), args.format,
+                    read_only=True) as node:
         layers = info_op.chain_info(node) if args.backing_chain else [info_op.node_info(node)]
     if args.output == "json":
         print(info_op.format_json(layers if args.backing_chain else layers[0]))
@@ -84,7 +118,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_map(args: argparse.Namespace) -> int:
-    with open_chain(args.filename, args.format, read_only=True) as node:
+    with open_chain(_image(args, "filename", args.format), args.format,
+                    read_only=True) as node:
         entries = list(map_op.map_entries(node))
     if args.output == "json":
         print(map_op.format_json(entries))
@@ -94,11 +129,16 @@ def cmd_map(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    if _wants_option_help(args.options):
+        print(create_option_help(args.output_format, with_protocol=bool(args.target)))
+        return EXIT_OK
+    if not args.source or not args.target:
+        raise UsageError("Expecting image file name")
     options = parse_option_string(",".join(args.options)) if args.options else {}
     sparse = parse_size(args.sparse_size, "sparse size") if args.sparse_size else 4096
     progress = _ProgressBar() if args.progress and not args.quiet else None
     try:
-        convert(args.source, args.target, source_format=args.format,
+        convert(_image(args, "source", args.format), args.target, source_format=args.format,
                 target_format=args.output_format, options=options, sparse_size=sparse,
                 workers=args.workers, progress=progress, cache=args.cache)
     finally:
@@ -128,8 +168,10 @@ class _ProgressBar:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     try:
-        with open_chain(args.first, args.format, read_only=True) as first, \
-                open_chain(args.second, args.second_format or args.format,
+        second_format = args.second_format or args.format
+        with open_chain(_image(args, "first", args.format), args.format,
+                        read_only=True) as first, \
+                open_chain(_image(args, "second", second_format), second_format,
                            read_only=True) as second:
             result = compare_nodes(first, second, strict=args.strict)
     except CorefmtError as error:
@@ -155,8 +197,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_io(args: argparse.Namespace) -> int:
-    with open_chain(args.filename, args.format, read_only=args.read_only,
-                    copy_on_read=args.copy_on_read) as node:
+    with open_chain(_image(args, "filename", args.format), args.format,
+                    read_only=args.read_only, copy_on_read=args.copy_on_read) as node:
         status = run_commands(node, args.commands or [])
         if not args.read_only:
             node.flush()
@@ -177,12 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
     created.add_argument("-b", dest="backing", help="backing file")
     created.add_argument("-F", dest="backing_format", help="backing file format")
     created.add_argument("-q", dest="quiet", action="store_true")
-    created.add_argument("filename")
+    created.add_argument("filename", nargs="?")
     created.add_argument("size", nargs="?")
     created.set_defaults(run=cmd_create)
 
     information = verbs.add_parser("info", help="show facts about an image")
     information.add_argument("-f", dest="format")
+    _add_image_opts(information)
     information.add_argument("--output", choices=("human", "json"), default="human")
     information.add_argument("--backing-chain", action="store_true")
     information.add_argument("-U", "--force-share", action="store_true",
@@ -192,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     mapping = verbs.add_parser("map", help="show where the image's data lives")
     mapping.add_argument("-f", dest="format")
+    _add_image_opts(mapping)
     mapping.add_argument("--output", choices=("human", "json"), default="human")
     mapping.add_argument("-U", "--force-share", action="store_true")
     mapping.add_argument("filename")
@@ -199,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     converting = verbs.add_parser("convert", help="convert an image to another format")
     converting.add_argument("-f", dest="format")
+    _add_image_opts(converting)
     converting.add_argument("-O", dest="output_format", default="raw")
     converting.add_argument("-o", dest="options", action="append")
     converting.add_argument("-p", dest="progress", action="store_true")
@@ -212,12 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     converting.add_argument("-m", dest="workers", type=int, default=DEFAULT_WORKERS,
                             help="requests in flight")
     converting.add_argument("-U", "--force-share", action="store_true")
-    converting.add_argument("source")
-    converting.add_argument("target")
+    converting.add_argument("source", nargs="?")
+    converting.add_argument("target", nargs="?")
     converting.set_defaults(run=cmd_convert)
 
     comparing = verbs.add_parser("compare", help="compare two images' content")
     comparing.add_argument("-f", dest="format")
+    _add_image_opts(comparing)
     comparing.add_argument("-F", dest="second_format")
     comparing.add_argument("-s", dest="strict", action="store_true")
     comparing.add_argument("-q", dest="quiet", action="store_true")
@@ -228,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     io_verb = verbs.add_parser("io", help="run qemu-io style commands on an image")
     io_verb.add_argument("-f", dest="format")
+    _add_image_opts(io_verb)
     io_verb.add_argument("-c", dest="commands", action="append")
     io_verb.add_argument("-r", dest="read_only", action="store_true")
     io_verb.add_argument("-C", dest="copy_on_read", action="store_true")

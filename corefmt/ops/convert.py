@@ -223,7 +223,7 @@ class _BackgroundFlush:
             self._running.result()
 
 
-def convert(source: str, target: str, *, source_format: str | None = None,
+def convert(source: str | Mapping[str, Any], target: str, *, source_format: str | None = None,
             target_format: str = "raw", options: Mapping[str, Any] | str | None = None,
             sparse_size: int = DEFAULT_SPARSE_SIZE, buffer_size: int = DEFAULT_BUFFER_SIZE,
             workers: int = DEFAULT_WORKERS, progress: ProgressFn | None = None,

@@ -9,11 +9,13 @@ from typing import Any
 
 from corefmt import plugins
 from corefmt.block.chain import open_chain
-from corefmt.driver import BackingRef
+from corefmt.block.node import BlockNode
+from corefmt.driver import BackingRef, CreateContext, FormatDriver, accepts_keyword
 from corefmt.errors import BackingChainError, CorefmtError, OptionError
-from corefmt.options import build_options, parse_option_string
+from corefmt.options import OptionHelp, build_options, option_help_entries, parse_option_string
 from corefmt.registry import Registry
 from corefmt.sizes import parse_size
+from corefmt.storage.base import Storage
 
 #: Options every format accepts in ``-o`` (as qemu-img does).
 GENERIC_SIZE_KEY = "size"
@@ -37,33 +39,113 @@ def create(path: str, format: str = "raw", size: int | str | None = None, *,
     if backing:
         if not driver.supports_backing:
             raise OptionError(f"Format {driver.name} does not support backing files")
-        if not backing_format:
+        if not backing_format and driver.records_backing_format:
             raise OptionError(
                 "Backing file specified without backing format (use -F FORMAT: "
                 "a probed format is not recorded, probing raw images is unsafe)"
             )
-        registry.format(backing_format)
+        if backing_format:
+            registry.format(backing_format)
         reference = BackingRef(backing, backing_format)
+    base = _open_backing(path, reference, registry) if reference else None
+    try:
+        if size is None and base is not None:
+            size = base.virtual_size
         if size is None:
-            size = _backing_size(path, reference, registry)
-        else:
-            _backing_size(path, reference, registry)  # it must open, whatever size we take
-    if size is None:
-        raise OptionError("Image creation needs a size parameter")
-    byte_size = parse_size(size, "image size")
+            raise OptionError("Image creation needs a size parameter")
+        byte_size = parse_size(size, "image size")
+        _create_image(driver, path, byte_size, parsed, reference, base, registry)
+    finally:
+        if base is not None:
+            base.close()
 
+
+class _Children:
+    """Children a driver creates (``CreateContext.create_child``): closed after
+    create, removed again if create fails."""
+
+    def __init__(self, image_path: str, registry: Registry):
+        self.image_path = image_path
+        self.registry = registry
+        self.opened: list[Storage | BlockNode] = []
+        self.new_paths: list[str] = []
+
+    def create_child(self, role: str, path: str, format: str | None = None,
+                     size: int | None = None, options: Mapping[str, Any] | None = None
+                     ) -> Storage | BlockNode:
+        target = self.registry.storage_for(path).resolve(path, self.image_path)
+        storage_driver = self.registry.storage_for(target)
+        if not storage_driver.exists(target):
+            self.new_paths.append(target)
+        if format is None:
+            child: Storage | BlockNode = storage_driver.create(target)
+        else:
+            if size is None:
+                raise OptionError(f"{role} '{target}' of format {format} needs a size")
+            create(target, format, size, options=options, registry=self.registry)
+            child = open_chain(target, format, registry=self.registry)
+        self.opened.append(child)
+        return child
+
+    def close(self, *, failed: bool) -> None:
+        for child in reversed(self.opened):
+            with contextlib.suppress(CorefmtError, OSError):
+                if not failed:
+                    child.flush()
+            child.close()
+        if failed:
+            for target in self.new_paths:
+                _remove(target)
+
+
+def _create_image(driver: FormatDriver, path: str, size: int, options: Any,
+                  reference: BackingRef | None, base: BlockNode | None,
+                  registry: Registry) -> None:
     storage_driver = registry.storage_for(path)
     existed = storage_driver.exists(path)
     storage = storage_driver.create(path)
+    children = _Children(path, registry)
     try:
-        driver.create(storage, byte_size, parsed, reference)
+        if accepts_keyword(driver.create, "context"):
+            context = CreateContext(path=path, backing=base,
+                                    create_child=children.create_child)
+            driver.create(storage, size, options, reference, context=context)
+        else:
+            driver.create(storage, size, options, reference)
         storage.flush()
     except BaseException:
         storage.close()
+        children.close(failed=True)
         if not existed:
             _remove(path)
         raise
     storage.close()
+    children.close(failed=False)
+
+
+def create_option_help(format: str, with_protocol: bool,
+                       registry: Registry | None = None) -> str:
+    """``create -f FMT -o help`` as qemu-img prints it: with a filename every
+    option (the format's and the file's); without, the format's own and a
+    note that the protocol level has more."""
+    driver = (registry or plugins.registry()).format(format)
+    entries = option_help_entries(driver.create_options)
+    entries.append(OptionHelp(GENERIC_SIZE_KEY, "Virtual disk size", None, "size"))
+    if driver.supports_backing:
+        entries.append(OptionHelp("backing_file", "File name of a base image", None, "str"))
+        if driver.records_backing_format:
+            entries.append(OptionHelp("backing_fmt", "Image format of the base image",
+                                      None, "str"))
+    if with_protocol:
+        lines = ["Supported options:"]
+    else:
+        entries = [entry for entry in entries if not entry.protocol]
+        lines = [f"Supported {driver.name} options:"]
+    lines += [entry.line() for entry in sorted(entries, key=lambda entry: entry.name)]
+    if not with_protocol:
+        lines += ["", "The protocol level may support further options.",
+                  "Specify the target filename to include those options."]
+    return "\n".join(lines)
 
 
 def check_create_options(format: str, options: list[str] | str | None,
@@ -79,12 +161,11 @@ def check_create_options(format: str, options: list[str] | str | None,
     return text
 
 
-def _backing_size(path: str, reference: BackingRef, registry: Registry) -> int:
-    """Open the would-be backing chain (relative to the new image) for its size."""
+def _open_backing(path: str, reference: BackingRef, registry: Registry) -> BlockNode:
+    """Open the would-be backing chain (relative to the new image), read-only."""
     target = registry.storage_for(reference.path).resolve(reference.path, path)
     try:
-        with open_chain(target, reference.format, read_only=True, registry=registry) as base:
-            return base.virtual_size
+        return open_chain(target, reference.format, read_only=True, registry=registry)
     except BackingChainError:
         raise
     except CorefmtError as error:

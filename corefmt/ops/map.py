@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from corefmt.block.node import BlockNode
+from corefmt.extents import ChainExtent
 from corefmt.ops.convert import STATUS_WINDOW
 
 
@@ -24,9 +25,9 @@ def map_entries(node: BlockNode) -> Iterator[dict[str, Any]]:
                 "zero": extent.zero,
                 "data": extent.data,
             }
-            if extent.host_offset is not None:
-                entry["offset"] = extent.host_offset
-            entry["_file"] = extent.node.filename if extent.node is not None else None
+            if extent.host_offset is not None and not extent.compressed:
+                entry["offset"] = extent.host_offset  # qemu prints none for compressed data
+            entry["_file"] = _host_file(extent)
             if pending is not None and _continues(pending, entry):
                 pending["length"] += entry["length"]
                 continue
@@ -36,6 +37,17 @@ def map_entries(node: BlockNode) -> Iterator[dict[str, Any]]:
         position += window
     if pending is not None:
         yield pending
+
+
+def _host_file(extent: ChainExtent) -> str | None:
+    """The file ``offset`` points into: the layer's own, or its data file."""
+    if extent.node is None:
+        return None
+    layer = extent.node.layer()
+    child = layer.children.get(extent.host_child)
+    if child is None:
+        return layer.filename
+    return child.filename if isinstance(child, BlockNode) else child.path
 
 
 def _continues(previous: dict[str, Any], entry: dict[str, Any]) -> bool:

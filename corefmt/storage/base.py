@@ -79,6 +79,12 @@ class Storage(abc.ABC):
         """Bytes the store really occupies (None if unknown)."""
         return None
 
+    def set_creation_hints(  # noqa: B027 - optional, like flush
+            self, *, nocow: bool = False, extent_size_hint: int = 0) -> None:
+        """Hints for a new, empty store (qemu's file options ``nocow`` and
+        ``extent_size_hint``); stores and file systems without them ignore
+        them, as qemu does."""
+
     # -- common behaviour -----------------------------------------------------
     def read(self, offset: int, length: int) -> bytes:
         buf = bytearray(length)

@@ -13,6 +13,7 @@ import ctypes
 import errno
 import mmap
 import os
+import struct
 import threading
 
 from corefmt.block.align import aligned_range, write_unaligned
@@ -25,6 +26,16 @@ FALLOC_FL_ZERO_RANGE = 0x10
 DIRECT_IO_ALIGNMENT = 4096
 SECTOR_SIZE = 512
 _UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENOTTY)
+#: linux/fs.h: inode flags (nocow) and the fsxattr interface (extent size hint).
+FS_IOC_GETFLAGS = 0x80086601
+FS_IOC_SETFLAGS = 0x40086602
+FS_NOCOW_FL = 0x00800000
+FS_IOC_FSGETXATTR = 0x801C581F
+FS_IOC_FSSETXATTR = 0x401C5820
+FS_XFLAG_EXTSIZE = 0x00000800
+#: struct fsxattr: xflags, extsize, nextents, projid, cowextsize, 8 pad bytes.
+FSXATTR = struct.Struct("=IIIII8x")
+INODE_FLAGS = struct.Struct("=l")
 
 
 def _load_fallocate():
@@ -83,6 +94,25 @@ class FileStorage(Storage):
         return self._stat().st_blocks * SECTOR_SIZE
 
     # -- reads ----------------------------------------------------------------
+    def set_creation_hints(self, *, nocow: bool = False, extent_size_hint: int = 0) -> None:
+        """Set FS_NOCOW_FL and the XFS/ext4 extent size hint while the file is
+        empty; a file system that refuses either is left as it is (as qemu)."""
+        import fcntl
+
+        if nocow:
+            with contextlib.suppress(OSError):
+                flags = bytearray(fcntl.ioctl(self.fd, FS_IOC_GETFLAGS,
+                                              bytes(INODE_FLAGS.size)))
+                (value,) = INODE_FLAGS.unpack(flags)
+                fcntl.ioctl(self.fd, FS_IOC_SETFLAGS, INODE_FLAGS.pack(value | FS_NOCOW_FL))
+        if extent_size_hint:
+            with contextlib.suppress(OSError):
+                fields = list(FSXATTR.unpack(fcntl.ioctl(self.fd, FS_IOC_FSGETXATTR,
+                                                         bytes(FSXATTR.size))))
+                fields[0] |= FS_XFLAG_EXTSIZE
+                fields[1] = extent_size_hint
+                fcntl.ioctl(self.fd, FS_IOC_FSSETXATTR, FSXATTR.pack(*fields))
+
     def readinto(self, offset: int, buf: bytearray | memoryview) -> None:
         view = memoryview(buf).cast("B")
         aligned = offset % DIRECT_IO_ALIGNMENT == 0 and len(view) % DIRECT_IO_ALIGNMENT == 0
