@@ -30,3 +30,7 @@ class RequestFlags(enum.IntFlag):
     #: A read that should copy what it reads from below into this node
     #: (set by the copy-on-read filter, QEMU's BDRV_REQ_COPY_ON_READ).
     COPY_ON_READ = 32
+    #: A read of a range an overlay's merged status assigned to this layer:
+    #: the layer reads its own data without resolving the chain again (a
+    #: part it does not hold after all is read through the chain).
+    OWN_DATA = 64

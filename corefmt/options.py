@@ -150,7 +150,24 @@ def build_options(cls: type, values: Mapping[str, Any], format_name: str) -> Any
         prefix = f"Invalid value for option '{bad}'" if bad else "Invalid options"
         raise OptionError(f"{prefix} of format {format_name}: {error}") from None
     except OptionError as error:
-        raise OptionError(f"Invalid options of format {format_name}: {error}") from None
+        bad = _failing_converter(cls, kwargs)
+        prefix = f"Invalid value for option '{bad}'" if bad else "Invalid options"
+        raise OptionError(f"{prefix} of format {format_name}: {error}") from None
+
+
+def _failing_converter(cls: type, kwargs: Mapping[str, Any]) -> str | None:
+    """The option whose converter refuses its value (converters raise
+    OptionError without knowing the option's name)."""
+    fields = {f.name: f for f in attrs.fields(cls)}
+    for name, value in kwargs.items():
+        converter = fields[name].converter
+        if converter is None:
+            continue
+        try:
+            converter(value)
+        except (OptionError, ValueError, TypeError):
+            return name
+    return None
 
 
 def _guess_option(error: Exception, kwargs: Iterable[str]) -> str | None:

@@ -196,6 +196,10 @@ class ImageNode(BlockNode):
             return
         self._observe("read", offset, length)
         start, end = aligned_range(offset, length, self.request_alignment)
+        if flags & RequestFlags.OWN_DATA:
+            with self._tracker.track(start, end, exclusive=False):
+                self._read_layer(offset, view)
+            return
         with self._tracker.track(start, end, exclusive=False):
             extents = self._read_extents(offset, view)
         below = [e for e in extents if e.depth > 0 and e.node is not None]
@@ -214,8 +218,21 @@ class ImageNode(BlockNode):
             elif extent.node is self:
                 self._read_own(extent.offset, part)
             else:
-                extent.node.readinto(extent.offset, part)  # the lower layer's request path
+                # the lower layer's request path (tracking, hooks, filters on the edge)
+                extent.node.readinto(extent.offset, part, RequestFlags.OWN_DATA)
         return extents
+
+    def _read_layer(self, offset: int, view: memoryview) -> None:
+        """What this layer holds for a range an overlay assigned to it (one
+        driver status call, not a walk of the chain below)."""
+        for own in self.own_status(offset, len(view)):
+            part = view[own.offset - offset:own.end - offset]
+            if not own.allocated:
+                self._read_extents(own.offset, part)
+            elif own.zero:
+                part[:] = bytes(len(part))
+            else:
+                self._read_own(own.offset, part)
 
     def _read_own(self, offset: int, view: memoryview) -> None:
         image = self._image

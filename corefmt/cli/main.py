@@ -95,7 +95,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         raise UsageError("Expecting image file name")
     options = parse_option_string(",".join(args.options)) if args.options else {}
     create(args.filename, args.format, args.size, options=options,
-           backing=args.backing, backing_format=args.backing_format)
+           backing=args.backing, backing_format=args.backing_format, unsafe=args.unsafe)
     if not args.quiet:
         extra = "".join(f" {key}={value}" for key, value in options.items())
         if args.backing:
@@ -219,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     created.add_argument("-b", dest="backing", help="backing file")
     created.add_argument("-F", dest="backing_format", help="backing file format")
     created.add_argument("-q", dest="quiet", action="store_true")
+    created.add_argument("-u", dest="unsafe", action="store_true",
+                         help="do not open the backing file (the size must be given)")
     created.add_argument("filename", nargs="?")
     created.add_argument("size", nargs="?")
     created.set_defaults(run=cmd_create)

@@ -69,29 +69,33 @@ class CopyOnReadFilter(Filter):
             self._schedule_fills(offset, buf)
 
     def _schedule_fills(self, offset: int, buf: memoryview) -> None:
+        unit = max(self.child.limits.copy_granularity, 1)
         for extent in self.child.block_status(offset, len(buf)):
             if extent.depth == 0 or extent.node is None:
                 continue
+            # FVD counts the copy-unit-aligned buffer a fill will write.
+            start, end = extent.offset - extent.offset % unit, -(-extent.end // unit) * unit
             with self._lock:
                 if self._outstanding >= self.max_outstanding:
                     self.fills_dropped += 1
                     continue
-                self._outstanding += extent.length
+                self._outstanding += end - start
                 self.fills_started += 1
                 if self._executor is None:
                     self._executor = ThreadPoolExecutor(1, thread_name_prefix="corefmt-cor")
             data = bytes(buf[extent.offset - offset:extent.end - offset])
-            future = self._executor.submit(self._fill, extent.offset, extent.length, data)
+            future = self._executor.submit(self._fill, extent.offset, extent.length, data,
+                                           end - start)
             with self._lock:
                 self._pending.add(future)
             future.add_done_callback(self._finished)
 
-    def _fill(self, offset: int, length: int, data: bytes) -> None:
+    def _fill(self, offset: int, length: int, data: bytes, counted: int) -> None:
         try:
             self.child.copy_up(offset, length, data)
         finally:
             with self._lock:
-                self._outstanding -= length
+                self._outstanding -= counted
 
     def _finished(self, future: Future[Any]) -> None:
         with self._lock:

@@ -24,8 +24,13 @@ GENERIC_BACKING_KEYS = ("backing_file", "backing_fmt")
 
 def create(path: str, format: str = "raw", size: int | str | None = None, *,
            options: Mapping[str, Any] | str | None = None, backing: str | None = None,
-           backing_format: str | None = None, registry: Registry | None = None) -> None:
-    """Create an image; everything is validated before any file is touched."""
+           backing_format: str | None = None, registry: Registry | None = None,
+           unsafe: bool = False) -> None:
+    """Create an image; everything is validated before any file is touched.
+
+    ``unsafe`` (qemu-img create -u) records a backing file without opening
+    it: the size must then be given.
+    """
     registry = registry or plugins.registry()
     driver = registry.format(format)
     values = dict(parse_option_string(options) if isinstance(options, str) else (options or {}))
@@ -47,7 +52,10 @@ def create(path: str, format: str = "raw", size: int | str | None = None, *,
         if backing_format:
             registry.format(backing_format)
         reference = BackingRef(backing, backing_format)
-    base = _open_backing(path, reference, registry) if reference else None
+    if unsafe and reference is not None and size is None:
+        raise OptionError("Image creation needs a size parameter (-u does not open the "
+                          "backing file)")
+    base = _open_backing(path, reference, registry) if reference and not unsafe else None
     try:
         if size is None and base is not None:
             size = base.virtual_size

@@ -191,7 +191,9 @@ class _SeedRun:
         initial = self._create_images()
         top = self.sim.disk(self.top_path)
         model = ImageModel(initial)
-        batches = generate(rng, config.size, config.operations)
+        with corefmt.open(self.top_path, config.format, read_only=True, backing=False) as probe:
+            granularity = probe.limits.copy_granularity
+        batches = generate(rng, config.size, config.operations, granularity)
         count = sum(len(batch) for batch in batches)
         plan = plan_faults(rng, self.result.seed, count, errors=config.errors,
                            crash_disk=self.top_path if config.crash else None)

@@ -19,6 +19,10 @@ LARGE_MAX = 128 * 1024
 #: Share of requests aimed at a small hot range, so that requests overlap.
 HOT_RANGE = 64 * 1024
 HOT_SHARE = 0.4
+#: Share of requests that straddle a copy-unit boundary (the driver's copy
+#: granularity: cluster or block), leaving partial units on both sides, so
+#: partial-cluster copy-on-write runs whatever the cluster size.
+STRADDLE_SHARE = 0.3
 
 READ, WRITE, ZERO, DISCARD, FLUSH = "read", "write", "zero", "discard", "flush"
 #: Requests that change the image.
@@ -51,8 +55,29 @@ class Op:
         return f"op {self.tag} {self.kind} {self.offset}+{self.length}"
 
 
-def _extent(rng: random.Random, size: int, aligned: bool) -> tuple[int, int]:
-    """A request range: small or large, sector-aligned or not, often in the hot range."""
+def _straddle(rng: random.Random, size: int, granularity: int) -> tuple[int, int]:
+    """A range that ends part-way into one copy unit and starts part-way into
+    the one before (or, in a one-unit image, lies inside the unit)."""
+    units = size // granularity
+    if units < 2:
+        offset = rng.randrange(0, max(1, size - 1))
+        return offset, rng.randint(1, min(granularity, size - offset))
+    boundary = rng.randrange(1, units) * granularity
+    head = rng.randint(1, granularity - 1)
+    tail = rng.randint(1, granularity - 1)
+    return boundary - head, min(head + tail, size - (boundary - head))
+
+
+def _extent(rng: random.Random, size: int, aligned: bool,
+            granularity: int = SECTOR_SIZE) -> tuple[int, int]:
+    """A request range: small or large, sector-aligned or not, often in the hot
+    range, often straddling a copy-unit boundary."""
+    if granularity > SECTOR_SIZE and rng.random() < STRADDLE_SHARE:
+        offset, length = _straddle(rng, size, granularity)
+        if aligned:
+            offset -= offset % SECTOR_SIZE
+            length = min(max(SECTOR_SIZE, length - length % SECTOR_SIZE), size - offset)
+        return offset, length
     limit = SMALL_MAX if rng.random() < 0.6 else LARGE_MAX
     length = rng.randint(1, min(limit, size))
     window = min(size, HOT_RANGE) if rng.random() < HOT_SHARE else size
@@ -64,8 +89,10 @@ def _extent(rng: random.Random, size: int, aligned: bool) -> tuple[int, int]:
     return offset, length
 
 
-def generate(rng: random.Random, size: int, operations: int) -> list[list[Op]]:
-    """About ``operations`` requests in batches of 1..MAX_BATCH concurrent ones."""
+def generate(rng: random.Random, size: int, operations: int,
+             granularity: int = SECTOR_SIZE) -> list[list[Op]]:
+    """About ``operations`` requests in batches of 1..MAX_BATCH concurrent ones,
+    sized around the image's copy granularity."""
     kinds = list(KIND_WEIGHTS)
     weights = list(KIND_WEIGHTS.values())
     batches: list[list[Op]] = []
@@ -79,7 +106,8 @@ def generate(rng: random.Random, size: int, operations: int) -> list[list[Op]]:
                 batch.append(Op(tag, FLUSH))
                 tag += 1
                 continue
-            offset, length = _extent(rng, size, aligned=kind == DISCARD or rng.random() < 0.5)
+            offset, length = _extent(rng, size, kind == DISCARD or rng.random() < 0.5,
+                                     granularity)
             if kind in WRITE_KINDS:
                 span = range(offset // SECTOR_SIZE, -(-(offset + length) // SECTOR_SIZE))
                 if any(writers.get(s, 0) >= MAX_WRITERS_PER_SECTOR for s in span):
