@@ -21,7 +21,7 @@ import attrs
 
 from corefmt import plugins
 from corefmt.block.filter_node import FilterNode
-from corefmt.block.image_node import ImageNode
+from corefmt.block.image_node import ImageNode, Reopener
 from corefmt.block.imagespec import is_json_filename, parse_json_filename
 from corefmt.block.node import ROLE_BACKING, BlockNode
 from corefmt.driver import BackingRef, FormatDriver, ImageContext
@@ -191,12 +191,18 @@ class GraphBuilder:
             raise
         self.opened.append(node)
         overrides = {} if data_file_spec is None else {"data_file": data_file_spec}
-        context = ImageContext(
-            path=filename, read_only=read_only, read_below=node.read_below, options=options,
-            open_child=lambda role, path, format=None, **kw: self.open_child(
-                node, role, path, format=format, override=overrides.get(role), **kw),
-            emit=node.emit)
-        node.attach(driver.open(storage, context))
+
+        def context_in(mode: bool) -> ImageContext:
+            return ImageContext(
+                path=filename, read_only=mode, read_below=node.read_below, options=options,
+                open_child=lambda role, path, format=None, **kw: self.open_child(
+                    node, role, path, format=format, override=overrides.get(role), **kw),
+                emit=node.emit)
+
+        node.attach(driver.open(storage, context_in(read_only)))
+        node._reopener = Reopener(
+            storage=lambda mode: self.open_storage(file_spec, read_only=mode)[0],
+            context=context_in)
         if backing_spec is _RECORDED:
             if follow_backing:
                 self.wanting_backing.append(node)

@@ -10,12 +10,15 @@ request the driver declines with NotSupported).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+import attrs
 
 from corefmt.block.align import align_down, align_up, aligned_range, write_unaligned
 from corefmt.block.node import ROLE_FILE, BlockNode
 from corefmt.block.status_cache import ChainStatusCache
-from corefmt.driver import FormatDriver, Image, accepts_keyword, supports
+from corefmt.driver import FormatDriver, Image, ImageContext, accepts_keyword, supports
 from corefmt.errors import CorefmtError, ImageError, NotSupported, RangeError
 from corefmt.extents import ChainExtent, Extent, merge_runs
 from corefmt.flags import RequestFlags
@@ -29,6 +32,18 @@ if TYPE_CHECKING:
 #: Largest zero buffer the write_zeroes emulation writes at once.
 ZERO_WRITE_CHUNK = 1024 * 1024
 _ZEROS = bytes(ZERO_WRITE_CHUNK)
+
+#: A tracked range that covers any request (reopen excludes them all).
+WHOLE_IMAGE = 1 << 63
+
+
+@attrs.frozen
+class Reopener:
+    """Opens an image node's storage and driver context in a given mode."""
+
+    storage: Callable[[bool], Storage]
+    context: Callable[[bool], ImageContext]
+
 
 #: Debug events the core emits for every format (QEMU's names, as its raw
 #: driver emits them), so fault injection works on formats that emit none.
@@ -51,8 +66,15 @@ class ImageNode(BlockNode):
         self._limits = Limits()
         self._write_takes_flags = self._zeroes_take_flags = False
         self._event_sinks: list[Any] = []
+        #: How to open this node's storage and context again (set by the graph
+        #: builder; None: the node cannot be reopened).
+        self._reopener: Reopener | None = None
         if read_only:
-            self._status_cache = ChainStatusCache(self._walk_chain, lambda: self.virtual_size)
+            self._status_cache = self._new_status_cache()
+
+    def _new_status_cache(self) -> ChainStatusCache:
+        return ChainStatusCache(self._walk_chain, lambda: self.virtual_size,
+                                lambda: self.status_generation)
 
     # -- graph ------------------------------------------------------------------
     def attach(self, image: Image) -> None:
@@ -153,10 +175,14 @@ class ImageNode(BlockNode):
             result.append(ChainExtent(start, end - start, False, True, 0, None))
         return result
 
-    def _walk_chain(self, offset: int, length: int, skip_self: bool = False) -> list[ChainExtent]:
+    def _walk_chain(self, offset: int, length: int, skip_self: bool = False,
+                    base: BlockNode | None = None) -> list[ChainExtent]:
         """Merged status computed layer by layer, without recursion (chains may
         be hundreds of images deep). Each layer is reached through its entry
-        node (the backing edge's node, maybe a filter), which reads serve."""
+        node (the backing edge's node, maybe a filter), which reads serve.
+        With ``base``, the walk stops above that layer: what no layer above
+        it decides is reported with ``node`` None and neither data nor zero."""
+        stop = base.layer() if base is not None else None
         result: list[ChainExtent] = []
         pending = [(offset, length)]
         entry: BlockNode = self
@@ -177,6 +203,10 @@ class ImageNode(BlockNode):
                     else:
                         unallocated.append((extent.offset, extent.length))
             below = layer.backing
+            if below is not None and below.layer() is stop:
+                result.extend(ChainExtent(start, run, False, False, depth + 1, None)
+                              for start, run in unallocated)
+                break
             if below is None:
                 result.extend(ChainExtent(start, run, False, True, depth, None)
                               for start, run in unallocated)
@@ -185,6 +215,82 @@ class ImageNode(BlockNode):
             entry, layer, depth = below, below.layer(), depth + 1
         result.sort(key=lambda extent: extent.offset)
         return merge_runs(result)
+
+    def block_status_above(self, base: BlockNode | None, offset: int, length: int
+                           ) -> list[ChainExtent]:
+        """Status merged over the layers from this one down to, not including,
+        ``base`` (None: the whole chain): what commit, stream and rebase ask.
+        Ranges no layer above ``base`` decides have ``node`` None, ``data``
+        and ``zero`` False."""
+        self._check_range(offset, length)
+        if length == 0:
+            return []
+        if base is None:
+            return self.block_status(offset, length)
+        if base.layer() is self:
+            return [ChainExtent(offset, length, False, False, 0, None)]
+        if base.layer() not in self.chain():
+            raise CorefmtError(f"{base.filename} is not below {self.filename} in its chain")
+        return self._walk_chain(offset, length, base=base)
+
+    def is_allocated_above(self, base: BlockNode | None, offset: int, length: int
+                           ) -> list[tuple[int, int, bool]]:
+        """(offset, length, allocated) runs: whether a layer above ``base``
+        decides each range (QEMU's bdrv_is_allocated_above, base excluded)."""
+        runs: list[tuple[int, int, bool]] = []
+        for extent in self.block_status_above(base, offset, length):
+            decided = extent.node is not None or extent.zero
+            if runs and runs[-1][2] == decided and runs[-1][0] + runs[-1][1] == extent.offset:
+                runs[-1] = (runs[-1][0], runs[-1][1] + extent.length, decided)
+            else:
+                runs.append((extent.offset, extent.length, decided))
+        return runs
+
+    # -- reopening ------------------------------------------------------------------
+    def reopen(self, read_only: bool) -> None:
+        """Switch between read-only and read-write (commit writes into a backing
+        image, then puts it back): the driver reopens on a storage opened in
+        the new mode; a failure restores the old mode."""
+        if read_only == self.read_only:
+            return
+        if self._reopener is None:
+            raise CorefmtError(f"{self.filename}: this node cannot be reopened")
+        old_mode = self.read_only
+        with self._tracker.track(0, WHOLE_IMAGE, exclusive=True):
+            self._close_image_for_reopen()
+            try:
+                self._open_image_in(read_only)
+            except BaseException:
+                try:
+                    self._open_image_in(old_mode)
+                except BaseException:
+                    self._closed = True
+                raise
+        self._invalidate_status()
+
+    def _close_image_for_reopen(self) -> None:
+        image = self._image
+        if not self.read_only:
+            image.flush()
+        image.close()
+        self.storage.close()
+        for role in [role for role in self.children if role not in (ROLE_FILE, "backing")]:
+            child = self.children.pop(role)
+            child.close()
+        self.image = None
+
+    def _open_image_in(self, read_only: bool) -> None:
+        assert self._reopener is not None
+        storage = self._reopener.storage(read_only)
+        self.children[ROLE_FILE] = storage
+        self.read_only = read_only
+        try:
+            image = self.driver.open(storage, self._reopener.context(read_only))
+        except BaseException:
+            storage.close()
+            raise
+        self.attach(image)
+        self._status_cache = self._new_status_cache() if read_only else None
 
     # -- reads ------------------------------------------------------------------
     def readinto(self, offset: int, buf: bytearray | memoryview,

@@ -59,6 +59,9 @@ class BlockNode(abc.ABC):
         self._overlays: weakref.WeakSet[BlockNode] = weakref.WeakSet()
         self._closed = False
         self._close_lock = threading.Lock()
+        #: Bumped whenever what this node's merged status shows may have
+        #: changed (here or below); cached status is valid for one generation.
+        self.status_generation = 0
 
     # -- graph ------------------------------------------------------------------
     @property
@@ -137,7 +140,8 @@ class BlockNode(abc.ABC):
         return self.limits.request_alignment
 
     def _invalidate_status(self) -> None:
-        """Forget cached chain status here and in every node above."""
+        """A change here: cached status here and in every node above is stale
+        (a new generation; nothing computed before it is inserted after)."""
         pending: list[BlockNode] = [self]
         seen: set[int] = set()
         while pending:
@@ -145,8 +149,7 @@ class BlockNode(abc.ABC):
             if id(node) in seen:
                 continue
             seen.add(id(node))
-            if node._status_cache is not None:
-                node._status_cache.clear()
+            node.status_generation += 1
             pending.extend(node._overlays)
 
     # -- requests (subclasses) ------------------------------------------------
@@ -198,6 +201,20 @@ class BlockNode(abc.ABC):
             if available:
                 below.readinto(offset, memoryview(buf)[:available])
         return bytes(buf)
+
+    def block_status_above(self, base: BlockNode | None, offset: int, length: int
+                           ) -> list[ChainExtent]:
+        """Status over the layers above ``base`` (see ImageNode)."""
+        return self.layer().block_status_above(base, offset, length)
+
+    def is_allocated_above(self, base: BlockNode | None, offset: int, length: int
+                           ) -> list[tuple[int, int, bool]]:
+        return self.layer().is_allocated_above(base, offset, length)
+
+    def reopen(self, read_only: bool) -> None:
+        """Switch this node (and the layer it shows) to read-only or read-write."""
+        self.layer().reopen(read_only)
+        self.read_only = read_only
 
     def copy_up(self, offset: int, length: int, data: bytes | memoryview | None = None) -> int:
         """Copy what the chain below holds into this layer where it is still

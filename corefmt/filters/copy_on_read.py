@@ -60,7 +60,7 @@ class CopyOnReadFilter(Filter):
         self.max_outstanding = unit if limit < MIN_OUTSTANDING_UNITS * unit else limit
 
     def readinto(self, offset: int, buf: memoryview, flags: RequestFlags) -> None:
-        if self.context.read_only:
+        if self.child.read_only:  # may change: commit reopens images
             self.child.readinto(offset, buf, flags)
         elif self.options.mode == MODE_SYNC:
             self.child.readinto(offset, buf, flags | RequestFlags.COPY_ON_READ)
