@@ -33,6 +33,13 @@ if TYPE_CHECKING:
 ZERO_WRITE_CHUNK = 1024 * 1024
 _ZEROS = bytes(ZERO_WRITE_CHUNK)
 
+#: Request flags as plain ints: IntFlag operators run in Python, and every
+#: request tests a few of them.
+_OWN_DATA, _COPY_ON_READ = int(RequestFlags.OWN_DATA), int(RequestFlags.COPY_ON_READ)
+_FUA, _COMPRESSED = int(RequestFlags.FUA), int(RequestFlags.COMPRESSED)
+_FILL, _MAY_UNMAP = int(RequestFlags.FILL), int(RequestFlags.MAY_UNMAP)
+_NO_FALLBACK = int(RequestFlags.NO_FALLBACK)
+
 #: A tracked range that covers any request (reopen excludes them all).
 WHOLE_IMAGE = 1 << 63
 
@@ -294,15 +301,16 @@ class ImageNode(BlockNode):
 
     # -- reads ------------------------------------------------------------------
     def readinto(self, offset: int, buf: bytearray | memoryview,
-                 flags: RequestFlags = RequestFlags.NONE) -> None:
+                 flags: RequestFlags | int = 0) -> None:
         view = memoryview(buf).cast("B")
         length = len(view)
         self._check_range(offset, length)
         if length == 0:
             return
+        flags = int(flags)
         self._observe("read", offset, length)
         start, end = aligned_range(offset, length, self.request_alignment)
-        if flags & RequestFlags.OWN_DATA:
+        if flags & _OWN_DATA:
             with self._tracker.track(start, end, exclusive=False):
                 self._read_layer(offset, view)
             return
@@ -325,7 +333,7 @@ class ImageNode(BlockNode):
                 self._read_own(extent.offset, part)
             else:
                 # the lower layer's request path (tracking, hooks, filters on the edge)
-                extent.node.readinto(extent.offset, part, RequestFlags.OWN_DATA)
+                extent.node.readinto(extent.offset, part, _OWN_DATA)
         return extents
 
     def _read_layer(self, offset: int, view: memoryview) -> None:
@@ -357,13 +365,13 @@ class ImageNode(BlockNode):
         return bytes(buf)
 
     # -- copy-on-read -------------------------------------------------------------
-    def _wants_copy_on_read(self, offset: int, length: int, flags: RequestFlags) -> bool:
+    def _wants_copy_on_read(self, offset: int, length: int, flags: int) -> bool:
         if self.read_only:
             return False
         decision = None
         if self._hooks is not None and self._hooks.corefmt_copy_on_read.get_hookimpls():
             decision = self._hooks.corefmt_copy_on_read(node=self, offset=offset, length=length)
-        wanted = bool(flags & RequestFlags.COPY_ON_READ)
+        wanted = bool(flags & _COPY_ON_READ)
         return wanted if decision is None else bool(decision)
 
     def copy_up(self, offset: int, length: int, data: bytes | memoryview | None = None) -> int:
@@ -384,9 +392,9 @@ class ImageNode(BlockNode):
                     continue  # a guest write landed meanwhile: it wins
                 fill = self._fill_data(own.offset, own.length, offset, data)
                 if fill.count(0) == len(fill) and supports(self._image, "write_zeroes"):
-                    self._zero_with_driver(own.offset, own.length, RequestFlags.NONE)
+                    self._zero_with_driver(own.offset, own.length, 0)
                 else:
-                    self._write_aligned(own.offset, memoryview(fill), RequestFlags.FILL)
+                    self._write_aligned(own.offset, memoryview(fill), _FILL)
                 written += own.length
         if written:
             self._invalidate_status()
@@ -413,13 +421,14 @@ class ImageNode(BlockNode):
 
     # -- writes -------------------------------------------------------------------
     def write(self, offset: int, data: bytes | bytearray | memoryview,
-              flags: RequestFlags = RequestFlags.NONE) -> None:
+              flags: RequestFlags | int = 0) -> None:
         view = memoryview(data).cast("B")
         self._check_writable()
         self._check_range(offset, len(view))
         if not view:
             return
-        if flags & RequestFlags.COMPRESSED and not supports(self._image, "write_compressed"):
+        flags = int(flags)
+        if flags & _COMPRESSED and not supports(self._image, "write_compressed"):
             raise NotSupported(f"{self.filename}: compression is not supported for the "
                                f"{self.format_name} format")
         self._observe("write", offset, len(view))
@@ -428,11 +437,11 @@ class ImageNode(BlockNode):
             self._write_aligned(offset, view, flags)
         self._invalidate_status()
 
-    def _write_aligned(self, offset: int, view: memoryview, flags: RequestFlags) -> None:
+    def _write_aligned(self, offset: int, view: memoryview, flags: int) -> None:
         write_unaligned(offset, view, self.request_alignment, self._read_untracked,
                         lambda at, piece: self._write_own(at, piece, flags))
 
-    def _write_own(self, offset: int, data: bytes | memoryview, flags: RequestFlags) -> None:
+    def _write_own(self, offset: int, data: bytes | memoryview, flags: int) -> None:
         """An aligned write to the driver, cut at max_transfer, flags honoured."""
         image = self._image
         view = memoryview(data)
@@ -440,29 +449,30 @@ class ImageNode(BlockNode):
         self.emit(EVENT_WRITE)
         for done in range(0, len(view), step):
             if self._write_takes_flags:
-                image.write(offset + done, view[done:done + step], flags=flags)
+                image.write(offset + done, view[done:done + step], flags=RequestFlags(flags))
             else:
                 image.write(offset + done, view[done:done + step])
-        if flags & RequestFlags.FUA and not self._write_takes_flags:
+        if flags & _FUA and not self._write_takes_flags:
             image.flush()
 
     def write_zeroes(self, offset: int, length: int, unmap: bool = False,
-                     flags: RequestFlags = RequestFlags.NONE) -> None:
+                     flags: RequestFlags | int = 0) -> None:
         """Make a range read as zeros (by the driver where it can, else by
         writing zeros, unless NO_FALLBACK asks to fail instead)."""
         self._check_writable()
         self._check_range(offset, length)
         if length == 0:
             return
+        flags = int(flags)
         if unmap:
-            flags |= RequestFlags.MAY_UNMAP
+            flags |= _MAY_UNMAP
         self._observe("write_zeroes", offset, length)
         start, end = aligned_range(offset, length, self.request_alignment)
         with self._tracker.track(start, end, exclusive=True):
             self._zero_with_driver(offset, length, flags)
         self._invalidate_status()
 
-    def _zero_with_driver(self, offset: int, length: int, flags: RequestFlags) -> None:
+    def _zero_with_driver(self, offset: int, length: int, flags: int) -> None:
         alignment = max(self._limits.zeroes_alignment, self.request_alignment)
         end = offset + length
         inner_start, inner_end = align_up(offset, alignment), align_down(end, alignment)
@@ -478,31 +488,31 @@ class ImageNode(BlockNode):
         if end > inner_end:
             self._zero_fallback(inner_end, end - inner_end, flags)
 
-    def _driver_zeroes(self, offset: int, length: int, flags: RequestFlags) -> None:
+    def _driver_zeroes(self, offset: int, length: int, flags: int) -> None:
         image = self._image
         if not supports(image, "write_zeroes"):
             raise NotSupported(f"{self.filename}: the {self.format_name} format cannot "
                                "write zeroes efficiently")
-        unmap = bool(flags & RequestFlags.MAY_UNMAP)
+        unmap = bool(flags & _MAY_UNMAP)
         step = self._limits.max_transfer or length
         self.emit(EVENT_WRITE)
         for done in range(0, length, step):
             piece = min(step, length - done)
             if self._zeroes_take_flags:
-                image.write_zeroes(offset + done, piece, unmap, flags=flags)
+                image.write_zeroes(offset + done, piece, unmap, flags=RequestFlags(flags))
             else:
                 image.write_zeroes(offset + done, piece, unmap)
-        if flags & RequestFlags.FUA and not self._zeroes_take_flags:
+        if flags & _FUA and not self._zeroes_take_flags:
             image.flush()
 
-    def _zero_fallback(self, offset: int, length: int, flags: RequestFlags) -> None:
-        if flags & RequestFlags.NO_FALLBACK:
+    def _zero_fallback(self, offset: int, length: int, flags: int) -> None:
+        if flags & _NO_FALLBACK:
             raise NotSupported(f"{self.filename}: cannot zero {length} bytes at {offset} "
                                "without writing them")
-        self._write_zero_bytes(offset, length, flags & ~RequestFlags.MAY_UNMAP)
+        self._write_zero_bytes(offset, length, flags & ~_MAY_UNMAP)
 
     def _write_zero_bytes(self, offset: int, length: int,
-                          flags: RequestFlags = RequestFlags.NONE) -> None:
+                          flags: RequestFlags | int = 0) -> None:
         position, end = offset, offset + length
         while position < end:
             step = min(ZERO_WRITE_CHUNK, end - position)
