@@ -14,39 +14,130 @@ The Python API::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from corefmt import sync
 from corefmt.block.chain import open_chain
 from corefmt.block.node import BlockNode
-from corefmt.driver import BackingRef, FormatDriver, Image, ImageContext
-from corefmt.errors import CorefmtError
+from corefmt.capabilities import BitmapInfo, CheckFix, CheckResult, MeasureResult, SnapshotInfo
+from corefmt.driver import (
+    PROBE_CERTAIN,
+    PROBE_FALLBACK,
+    PROBE_NO,
+    BackingRef,
+    CreateContext,
+    FormatDriver,
+    Image,
+    ImageContext,
+)
+from corefmt.errors import (
+    BackingChainError,
+    CorefmtError,
+    ImageError,
+    NotSupported,
+    OptionError,
+    RangeError,
+    ReadOnlyError,
+    StorageError,
+    UnknownFormatError,
+)
 from corefmt.extents import ChainExtent, Extent
+from corefmt.filters import Filter, FilterContext, FilterDriver, StorageFilterDriver
+from corefmt.flags import RequestFlags
 from corefmt.hookspecs import hookimpl
+from corefmt.limits import Limits
 from corefmt.ops.compare import CompareResult, compare_nodes
 from corefmt.ops.convert import convert
 from corefmt.ops.create import create
+from corefmt.options import NoOptions, choice, option, to_bool, to_size
+from corefmt.plugins import PluginWarning
+from corefmt.storage import Storage, StorageDriver
+
+if TYPE_CHECKING:
+    from corefmt.cache import MetadataCache, TableHandle
+
+#: Names imported on first use: the CLI does not need them to start.
+_LAZY = {"MetadataCache": "corefmt.cache", "TableHandle": "corefmt.cache"}
 
 __all__ = [
+    "PROBE_CERTAIN",
+    "PROBE_FALLBACK",
+    "PROBE_NO",
+    "BackingChainError",
     "BackingRef",
+    "BitmapInfo",
     "BlockNode",
     "ChainExtent",
+    "CheckFix",
+    "CheckResult",
     "CompareResult",
     "CorefmtError",
+    "CreateContext",
     "Extent",
+    "Filter",
+    "FilterContext",
+    "FilterDriver",
     "FormatDriver",
     "Image",
     "ImageContext",
+    "ImageError",
+    "Limits",
+    "MeasureResult",
+    "MetadataCache",
+    "NoOptions",
+    "NotSupported",
+    "OptionError",
+    "PluginWarning",
+    "RangeError",
+    "ReadOnlyError",
+    "RequestFlags",
+    "SnapshotInfo",
+    "Storage",
+    "StorageDriver",
+    "StorageError",
+    "StorageFilterDriver",
+    "TableHandle",
+    "UnknownFormatError",
+    "choice",
     "compare",
     "convert",
     "create",
     "hookimpl",
     "open",
+    "option",
+    "sync",
+    "to_bool",
+    "to_size",
 ]
 
 
-def open(path: str, format: str | None = None, *, read_only: bool = False,
-         backing: bool = True, copy_on_read: bool = False, direct: bool = False) -> BlockNode:
-    """Open an image with its backing chain; use it as a context manager."""
-    return open_chain(path, format, read_only=read_only, backing=backing,
-                      copy_on_read=copy_on_read, direct=direct)
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'corefmt' has no attribute '{name}'")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+def open(image: str | Mapping[str, Any], format: str | None = None, *,
+         read_only: bool = False, backing: bool = True, copy_on_read: bool = False,
+         direct: bool = False, options: Mapping[str, Any] | None = None) -> BlockNode:
+    """Open an image with its graph; use it as a context manager.
+
+    ``image`` is a filename, a ``json:{...}`` name or a spec dict with
+    qemu's keys (``{"driver": "copy-on-read", "file": {...}}``); ``options``
+    are the format's open options (raw: ``offset``, ``size``).
+    """
+    return open_chain(image, format, read_only=read_only, backing=backing,
+                      copy_on_read=copy_on_read, direct=direct, options=options)
 
 
 def compare(a: str, b: str, *, a_format: str | None = None, b_format: str | None = None,

@@ -21,11 +21,12 @@ it to the front or the back. When a distribution is found more than once on
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 import warnings
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -50,19 +51,30 @@ class PluginWarning(UserWarning):
     """A plugin, or one of the names it registers, was skipped."""
 
 
-class PluginOrigin(NamedTuple):
-    """Where a plugin comes from, as its warnings name it."""
+class PluginOrigin:
+    """Where a plugin comes from, as its warnings name it.
 
-    name: str  #: the plugin's name in the pluggy manager
-    distribution: str | None = None
-    version: str | None = None
-    entry_point: str | None = None  #: ``name = value``
+    The distribution's metadata is read only when a warning needs it."""
+
+    def __init__(self, name: str, dist: Distribution | None = None,
+                 entry_point: str | None = None) -> None:
+        self.name = name  #: the plugin's name in the pluggy manager, or its label
+        self.dist = dist
+        self.entry_point = entry_point  #: ``name = value``
+
+    @functools.cached_property
+    def distribution(self) -> tuple[str, str | None] | None:
+        """The distribution's name and version (None if unknown), None if by hand."""
+        return None if self.dist is None else _describe(self.dist)
+
+    def renamed(self, name: str) -> PluginOrigin:
+        return PluginOrigin(name, self.dist, self.entry_point)
 
     def __str__(self) -> str:
         if self.distribution is None:
             return f"plugin {self.name} (registered by hand)"
-        version = f" {self.version}" if self.version else ""
-        return f"plugin {self.distribution}{version} (entry point {self.entry_point})"
+        name, version = self.distribution
+        return f"plugin {name}{f' {version}' if version else ''} (entry point {self.entry_point})"
 
 
 def _one_line(error: BaseException) -> str:
@@ -91,6 +103,13 @@ def _describe(dist: Distribution) -> tuple[str, str | None]:
     return name, version or None
 
 
+def _key(dist: Distribution) -> str:
+    """The distribution's canonical name; from its folder's name where it can
+    (no metadata to parse for the many distributions that are no plugin)."""
+    name = getattr(dist, "_normalized_name", None) or _describe(dist)[0]
+    return _canonical(name)
+
+
 def _entry_points() -> list[tuple[EntryPoint, PluginOrigin]]:
     """The ``corefmt`` entry points of every distribution, in registration order."""
     from importlib import metadata
@@ -98,26 +117,20 @@ def _entry_points() -> list[tuple[EntryPoint, PluginOrigin]]:
     found: list[tuple[tuple, EntryPoint, PluginOrigin]] = []
     seen: set[str] = set()
     for dist in metadata.distributions():
-        key = getattr(dist, "_normalized_name", None)
         try:
-            if key is None:
-                key = _canonical(_describe(dist)[0])
+            key = _key(dist)
             if key in seen:
                 continue  # shadowed by an earlier copy on sys.path
             seen.add(key)
             points = list(dist.entry_points.select(group=hookspecs.PROJECT_NAME))
         except Exception as error:
             name, version = _describe(dist)
-            _warn(f"distribution {name}{f' {version}' if version else ''}: its entry "
-                  f"points cannot be read, skipped: {_one_line(error)}")
+            _warn(f"distribution {name}{f' {version}' if version else ''}: its entry points "
+                  f"cannot be read, skipped: {_one_line(error)}")
             continue
-        if not points:
-            continue
-        name, version = _describe(dist)
         for point in points:
-            origin = PluginOrigin(point.name, name, version, f"{point.name} = {point.value}")
-            order = (_canonical(name) != CORE_DISTRIBUTION, _canonical(name), point.name)
-            found.append((order, point, origin))
+            origin = PluginOrigin(point.name, dist, f"{point.name} = {point.value}")
+            found.append(((key != CORE_DISTRIBUTION, key, point.name), point, origin))
     found.sort(key=lambda item: item[0])
     return [(point, origin) for _, point, origin in found]
 
@@ -133,11 +146,12 @@ def _load_plugins(manager: pluggy.PluginManager) -> dict[str, PluginOrigin]:
             continue
         name = point.name
         if manager.has_plugin(name):  # two distributions chose the same entry point name
-            name = f"{origin.distribution}:{point.name}"
-        _register(manager, plugin, origin._replace(name=name), origins)
+            name = f"{_key(origin.dist)}:{point.name}" if origin.dist else point.name
+        _register(manager, plugin, origin.renamed(name), origins)
     for plugin in _extra_plugins:
         if not manager.is_registered(plugin):
-            label = getattr(plugin, "__name__", None) or type(plugin).__qualname__
+            label = (plugin.__name__ if isinstance(plugin, ModuleType)
+                     else f"{type(plugin).__module__}.{type(plugin).__qualname__}")
             _register(manager, plugin, PluginOrigin(label), origins, by_hand=True)
     return origins
 
