@@ -291,8 +291,6 @@ def test_reset_rescans_entry_points(site):
 
 
 # -- the CLI shows a plugin warning as one line -----------------------------------------
-@pytest.mark.xfail(reason="needs corefmt/cli/main.py to print PluginWarning as one "
-                          "'corefmt: warning: ...' line (warnings.showwarning)", strict=False)
 def test_cli_prints_the_warning_as_one_line(site):
     origin = site.add("corefmt-broken-import-test", "corefmt_broken_import", BROKEN_IMPORT,
                       entry_point="broken")
