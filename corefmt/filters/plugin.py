@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from corefmt.filters.blkdebug import BlkdebugDriver
+from corefmt.filters.blkverify import BlkverifyDriver
 from corefmt.filters.copy_on_read import CopyOnReadDriver
+from corefmt.filters.log import LogDriver
+from corefmt.filters.throttle import ThrottleDriver
 from corefmt.hookspecs import hookimpl
 
 
 @hookimpl
 def corefmt_register(registry) -> None:
-    registry.add_filter(CopyOnReadDriver())
+    for driver in (CopyOnReadDriver(), ThrottleDriver(), LogDriver(), BlkverifyDriver(),
+                   BlkdebugDriver()):
+        registry.add_filter(driver)
