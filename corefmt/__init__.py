@@ -14,7 +14,7 @@ The Python API::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
 from corefmt import sync
@@ -129,15 +129,20 @@ def __dir__() -> list[str]:
 
 def open(image: str | Mapping[str, Any], format: str | None = None, *,
          read_only: bool = False, backing: bool = True, copy_on_read: bool = False,
-         direct: bool = False, options: Mapping[str, Any] | None = None) -> BlockNode:
+         direct: bool = False, options: Mapping[str, Any] | None = None,
+         allow_protocols: Collection[str] = (), force_share: bool = False) -> BlockNode:
     """Open an image with its graph; use it as a context manager.
 
     ``image`` is a filename, a ``json:{...}`` name or a spec dict with
     qemu's keys (``{"driver": "copy-on-read", "file": {...}}``); ``options``
-    are the format's open options (raw: ``offset``, ``size``).
+    are the format's open options (raw: ``offset``, ``size``). Names read
+    from images (backing and data files) may only name local files or the
+    protocol the image is on, unless ``allow_protocols`` lists others.
+    ``force_share`` takes no image locks (read-only use, qemu-img -U).
     """
     return open_chain(image, format, read_only=read_only, backing=backing,
-                      copy_on_read=copy_on_read, direct=direct, options=options)
+                      copy_on_read=copy_on_read, direct=direct, options=options,
+                      allow_protocols=allow_protocols, force_share=force_share)
 
 
 def compare(a: str, b: str, *, a_format: str | None = None, b_format: str | None = None,

@@ -86,6 +86,7 @@ class ImageContext:
     ``emit(event)`` names a point in the driver's update sequence
     (``l2_update``, ``journal_write``...) for fault injection and tracing.
     ``options`` is the driver's open options (``FormatDriver.open_options``).
+    ``probed`` says the user named no format and the registry guessed it.
     """
 
     path: str | None
@@ -94,6 +95,8 @@ class ImageContext:
     options: Any = attrs.field(factory=NoOptions)
     open_child: Callable[..., Any] = _no_child
     emit: Callable[[str], None] = _no_event
+    #: The format was probed, not given: raw then guards its first sector.
+    probed: bool = False
 
 
 @attrs.frozen

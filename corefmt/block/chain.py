@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import attrs
@@ -24,7 +24,7 @@ from corefmt.block.filter_node import FilterNode
 from corefmt.block.image_node import ImageNode, Reopener
 from corefmt.block.imagespec import is_json_filename, parse_json_filename
 from corefmt.block.node import ROLE_BACKING, BlockNode
-from corefmt.driver import BackingRef, FormatDriver, ImageContext
+from corefmt.driver import BackingRef, FormatDriver, ImageContext, accepts_keyword
 from corefmt.errors import BackingChainError, CorefmtError, OptionError
 from corefmt.filters.base import LAYER_STORAGE, FilterContext
 from corefmt.options import build_options, to_bool
@@ -104,10 +104,13 @@ class GraphBuilder:
     """Opens one graph; on failure closes everything it opened."""
 
     def __init__(self, registry: Registry, *, direct: bool = False,
-                 max_depth: int = MAX_CHAIN_DEPTH):
+                 max_depth: int = MAX_CHAIN_DEPTH,
+                 allow_protocols: Collection[str] = (), force_share: bool = False):
         self.registry = registry
         self.direct = direct
         self.max_depth = max_depth
+        self.allow_protocols = frozenset(allow_protocols)
+        self.force_share = force_share
         self.hooks = plugins.plugin_manager().hook
         self.opened: list[BlockNode] = []
         #: Image nodes whose spec gave no backing: their recorded one is opened.
@@ -192,9 +195,12 @@ class GraphBuilder:
         self.opened.append(node)
         overrides = {} if data_file_spec is None else {"data_file": data_file_spec}
 
+        probed = driver_name is None
+
         def context_in(mode: bool) -> ImageContext:
             return ImageContext(
                 path=filename, read_only=mode, read_below=node.read_below, options=options,
+                probed=probed,
                 open_child=lambda role, path, format=None, **kw: self.open_child(
                     node, role, path, format=format, override=overrides.get(role), **kw),
                 emit=node.emit)
@@ -240,6 +246,9 @@ class GraphBuilder:
         """A ``file`` child: a filename, a protocol dict, or storage filters over one."""
         spec = {KEY_FILENAME: given} if isinstance(given, str) else dict(given)
         name = spec.pop(KEY_DRIVER, None)
+        spec.pop(KEY_NODE_NAME, None)
+        for key in KEYS_WITHOUT_EFFECT:
+            spec.pop(key, None)
         if name is not None and name in self.registry.filters:
             driver = self.registry.filters[name]
             if driver.layer != LAYER_STORAGE:
@@ -255,9 +264,6 @@ class GraphBuilder:
             except BaseException:
                 storage.close()
                 raise
-        spec.pop(KEY_NODE_NAME, None)
-        for key in KEYS_WITHOUT_EFFECT:
-            spec.pop(key, None)
         if spec.pop("locking", None) not in (None, "auto", "on", "off", True, False):
             raise OptionError("Parameter 'locking' expects 'auto', 'on' or 'off'")
         filename = spec.pop(KEY_FILENAME, None)
@@ -270,7 +276,11 @@ class GraphBuilder:
         storage_driver = (self.registry.storages[name]
                           if name in self.registry.storages and name != "file"
                           else self.registry.storage_for(filename))
-        return storage_driver.open(filename, read_only=read_only, direct=self.direct), filename
+        extra = ({"force_share": True}
+                 if self.force_share and accepts_keyword(storage_driver.open, "force_share")
+                 else {})
+        return (storage_driver.open(filename, read_only=read_only, direct=self.direct, **extra),
+                filename)
 
     def open_child(self, node: ImageNode, role: str, path: str, *, format: str | None = None,
                    override: Any = None, read_only: bool | None = None) -> Any:
@@ -278,6 +288,7 @@ class GraphBuilder:
         was given, else ``path`` resolved against the image's directory."""
         read_only = node.read_only if read_only is None else read_only
         if override is None:
+            self.check_name_from_image(path, node, role.replace("_", " ") + " name")
             target = self.registry.storage_for(path).resolve(path, node.filename)
             if not self.registry.storage_for(target).exists(target):
                 raise CorefmtError(f"Could not open {role} '{printable(target)}' of "
@@ -310,8 +321,30 @@ class GraphBuilder:
             node.set_backing(below)
             node = below
 
+    def check_name_from_image(self, name: str, holder: BlockNode, what: str) -> None:
+        """A name read from an image is untrusted: it may name a local file, or
+        a store of the protocol the image itself is on (a remote image's
+        siblings); any other protocol, or a ``json:`` graph, only if the user
+        allowed it (``--allow-protocol``)."""
+        if is_json_filename(name):
+            protocol = "json"
+        else:
+            driver = self.registry.storage_for(name)
+            if driver.name == "file" or driver is self.registry.storage_for(holder.filename):
+                return
+            protocol = driver.name
+        if protocol not in self.allow_protocols:
+            raise BackingChainError(
+                f"{holder.filename}: {what} '{printable(name)}' selects the '{protocol}' "
+                f"protocol; names inside images may only name local files (allow it with "
+                f"--allow-protocol {protocol})")
+
     def _open_backing(self, node: ImageNode, reference: BackingRef, seen: set[str]
                       ) -> ImageNode:
+        self.check_name_from_image(reference.path, node, "backing file name")
+        if is_json_filename(reference.path):
+            below = self.open(to_spec(reference.path, reference.format), read_only=True)
+            return below  # type: ignore[return-value]
         storage_driver = self.registry.storage_for(reference.path)
         target = storage_driver.resolve(reference.path, node.filename)
         if _identity(target) in seen:
@@ -341,16 +374,23 @@ def open_graph(image: str | Mapping[str, Any], format: str | None = None, *,
                read_only: bool = False, backing: bool = True, copy_on_read: bool = False,
                direct: bool = False, options: Mapping[str, Any] | None = None,
                registry: Registry | None = None,
-               max_depth: int = MAX_CHAIN_DEPTH) -> BlockNode:
+               max_depth: int = MAX_CHAIN_DEPTH, allow_protocols: Collection[str] = (),
+               force_share: bool = False) -> BlockNode:
     """Open an image (filename, ``json:`` name or spec dict) with its graph.
 
     ``copy_on_read`` puts a copy-on-read filter (sync mode) on top.
+    ``allow_protocols`` lists storage protocols (and ``json``) that names
+    read from images may select; ``force_share`` opens without taking the
+    image's locks (qemu-img -U), for read-only use.
     """
     registry = registry or plugins.registry()
     spec = to_spec(image, format, options)
     if copy_on_read:
         spec = {KEY_DRIVER: "copy-on-read", KEY_FILE: spec}
-    builder = GraphBuilder(registry, direct=direct, max_depth=max_depth)
+    if force_share and not read_only:
+        raise OptionError("force-share=on can only be used with read-only images")
+    builder = GraphBuilder(registry, direct=direct, max_depth=max_depth,
+                           allow_protocols=allow_protocols, force_share=force_share)
     return builder.build(spec, read_only=read_only, backing=backing)
 
 
@@ -365,11 +405,13 @@ def open_chain(path: str | Mapping[str, Any], format: str | None = None, *,
                read_only: bool = False, backing: bool = True, copy_on_read: bool = False,
                direct: bool = False, registry: Registry | None = None,
                max_depth: int = MAX_CHAIN_DEPTH,
-               options: Mapping[str, Any] | None = None) -> BlockNode:
+               options: Mapping[str, Any] | None = None,
+               allow_protocols: Collection[str] = (), force_share: bool = False) -> BlockNode:
     """Open ``path`` and (unless ``backing`` is False) every image below it."""
     return open_graph(path, format, read_only=read_only, backing=backing,
                       copy_on_read=copy_on_read, direct=direct, options=options,
-                      registry=registry, max_depth=max_depth)
+                      registry=registry, max_depth=max_depth,
+                      allow_protocols=allow_protocols, force_share=force_share)
 
 
 __all__ = ["ROLE_BACKING", "GraphBuilder", "open_chain", "open_graph", "open_node",

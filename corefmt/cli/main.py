@@ -72,6 +72,16 @@ def _add_image_opts(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-opts", action="store_true",
                         help="the image is given as key=value options (driver=...,"
                              "file.filename=...), as qemu-img's --image-opts")
+    parser.add_argument("--allow-protocol", dest="allow_protocols", action="append",
+                        default=[], metavar="LIST",
+                        help="protocols (e.g. http,s3, or json) that backing and data file "
+                             "names read from images may use; by default only local files "
+                             "and the protocol the image itself is on")
+
+
+def _protocols(args: argparse.Namespace) -> list[str]:
+    return [word for text in getattr(args, "allow_protocols", []) for word in text.split(",")
+            if word]
 
 
 # -- verbs --------------------------------------------------------------------------
@@ -108,8 +118,8 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    with open_chain(_image(args, "filename", args.format), args.format,
-                    read_only=True) as node:
+    with open_chain(_image(args, "filename", args.format), args.format, read_only=True,
+                    allow_protocols=_protocols(args), force_share=args.force_share) as node:
         layers = info_op.chain_info(node) if args.backing_chain else [info_op.node_info(node)]
     if args.output == "json":
         print(info_op.format_json(layers if args.backing_chain else layers[0]))
@@ -119,8 +129,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_map(args: argparse.Namespace) -> int:
-    with open_chain(_image(args, "filename", args.format), args.format,
-                    read_only=True) as node:
+    with open_chain(_image(args, "filename", args.format), args.format, read_only=True,
+                    allow_protocols=_protocols(args), force_share=args.force_share) as node:
         entries = list(map_op.map_entries(node))
     if args.output == "json":
         print(map_op.format_json(entries))
@@ -140,6 +150,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     progress = _ProgressBar() if args.progress and not args.quiet else None
     try:
         convert(_image(args, "source", args.format), args.target, source_format=args.format,
+                allow_protocols=_protocols(args), force_share=args.force_share,
                 target_format=args.output_format, options=options, sparse_size=sparse,
                 workers=args.workers, progress=progress, cache=args.cache)
     finally:
@@ -170,10 +181,12 @@ class _ProgressBar:
 def cmd_compare(args: argparse.Namespace) -> int:
     try:
         second_format = args.second_format or args.format
-        with open_chain(_image(args, "first", args.format), args.format,
-                        read_only=True) as first, \
+        protocols = _protocols(args)
+        with open_chain(_image(args, "first", args.format), args.format, read_only=True,
+                        allow_protocols=protocols, force_share=args.force_share) as first, \
                 open_chain(_image(args, "second", second_format), second_format,
-                           read_only=True) as second:
+                           read_only=True, allow_protocols=protocols,
+                           force_share=args.force_share) as second:
             result = compare_nodes(first, second, strict=args.strict)
     except CorefmtError as error:
         _print_error(str(error))
@@ -199,7 +212,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_io(args: argparse.Namespace) -> int:
     with open_chain(_image(args, "filename", args.format), args.format,
-                    read_only=args.read_only, copy_on_read=args.copy_on_read) as node:
+                    read_only=args.read_only, copy_on_read=args.copy_on_read,
+                    allow_protocols=_protocols(args),
+                    force_share=args.force_share) as node:
         status = run_commands(node, args.commands or [])
         if not args.read_only:
             node.flush()
@@ -281,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     io_verb.add_argument("-c", dest="commands", action="append")
     io_verb.add_argument("-r", dest="read_only", action="store_true")
     io_verb.add_argument("-C", dest="copy_on_read", action="store_true")
+    io_verb.add_argument("-U", "--force-share", action="store_true",
+                         help="open without taking the image's locks (read-only use)")
     io_verb.add_argument("filename")
     io_verb.set_defaults(run=cmd_io)
 

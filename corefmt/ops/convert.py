@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
@@ -227,7 +227,8 @@ def convert(source: str | Mapping[str, Any], target: str, *, source_format: str 
             target_format: str = "raw", options: Mapping[str, Any] | str | None = None,
             sparse_size: int = DEFAULT_SPARSE_SIZE, buffer_size: int = DEFAULT_BUFFER_SIZE,
             workers: int = DEFAULT_WORKERS, progress: ProgressFn | None = None,
-            cache: str = DEFAULT_CACHE_MODE, registry: Registry | None = None) -> None:
+            cache: str = DEFAULT_CACHE_MODE, registry: Registry | None = None,
+            allow_protocols: Collection[str] = (), force_share: bool = False) -> None:
     """Write the guest-visible content of ``source`` into a new ``target`` image.
 
     ``cache`` takes qemu-img's -t names: "unsafe" never flushes the target
@@ -242,7 +243,8 @@ def convert(source: str | Mapping[str, Any], target: str, *, source_format: str 
     if sparse_size < 0 or (sparse_size and sparse_size % 512):
         raise OptionError("sparse size must be a multiple of 512 bytes (0 disables it)")
     registry.format(target_format)
-    with open_chain(source, source_format, read_only=True, registry=registry) as src:
+    with open_chain(source, source_format, read_only=True, registry=registry,
+                    allow_protocols=allow_protocols, force_share=force_share) as src:
         for layer in src.chain():
             if _same_file(layer.filename, target):
                 # Creating the target would truncate it before a byte is copied.
