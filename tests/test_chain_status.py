@@ -167,3 +167,38 @@ def test_a_fragmented_chunk_is_not_cached_and_stays_right(monkeypatch):
     cache.lookup(1024, 2048)
     # the whole chunk once (found too fragmented), then only the ranges asked for
     assert calls == [(0, 64 * KiB), (1024, 2048), (1024, 2048)]
+
+
+def test_close_flushes_a_writable_image_and_waits_for_requests(blockmap, tmp_path, monkeypatch):
+    import os
+    import threading
+
+    path = str(tmp_path / "c.raw")
+    corefmt.create(path, "raw", MiB)
+    syncs = []
+    real_fdatasync = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (syncs.append(fd), real_fdatasync(fd)))
+    disk = corefmt.open(path, "raw")
+    node = disk.layer()
+    entered, release = threading.Event(), threading.Event()
+    real_write = node.image.write
+
+    def slow_write(offset, data):
+        entered.set()
+        release.wait(10)
+        real_write(offset, data)
+
+    node.image.write = slow_write
+    writer = threading.Thread(target=disk.write, args=(0, b"w" * 512))
+    writer.start()
+    entered.wait(10)
+    closer = threading.Thread(target=disk.close)
+    closer.start()
+    closer.join(0.2)
+    assert closer.is_alive()  # waiting for the write in flight
+    release.set()
+    writer.join(10)
+    closer.join(10)
+    assert not closer.is_alive() and syncs
+    with corefmt.open(path, "raw", read_only=True) as again:
+        assert again.read(0, 512) == b"w" * 512

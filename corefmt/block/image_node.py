@@ -562,6 +562,8 @@ class ImageNode(BlockNode):
         storage = self.storage
         try:
             if self.image is not None:
+                if not self.read_only:
+                    self.image.flush()  # close promises a durable image
                 self.image.close()
             else:
                 storage.close()

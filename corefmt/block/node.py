@@ -258,6 +258,7 @@ class BlockNode(abc.ABC):
         with self._close_lock:
             if self._closed:
                 return
+            self._tracker.wait_idle()  # requests in flight finish first
             self._closed = True
         self._release()
 

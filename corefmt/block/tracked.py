@@ -46,6 +46,12 @@ class RequestTracker:
                 self._active.remove(request)
                 self._changed.notify_all()
 
+    def wait_idle(self) -> None:
+        """Wait until no request holds a range (close lets them finish)."""
+        with self._changed:
+            while self._active:
+                self._changed.wait()
+
     @property
     def in_flight(self) -> int:
         with self._changed:

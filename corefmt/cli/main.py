@@ -68,6 +68,22 @@ def _image(args: argparse.Namespace, name: str, format: str | None = None):
     return value
 
 
+#: qemu-img convert -m: requests in flight.
+MIN_COROUTINES, MAX_COROUTINES = 1, 16
+
+
+def _coroutines(text: str) -> int:
+    """-m as qemu-img takes it (1..16); more would only cost memory."""
+    try:
+        value = int(text, 10)
+    except ValueError:
+        value = 0
+    if not MIN_COROUTINES <= value <= MAX_COROUTINES:
+        raise UsageError("Invalid number of coroutines. Allowed number of coroutines is "
+                         f"between {MIN_COROUTINES} and {MAX_COROUTINES}")
+    return value
+
+
 def _add_image_opts(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-opts", action="store_true",
                         help="the image is given as key=value options (driver=...,"
@@ -272,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
                             choices=sorted(CACHE_MODES),
                             help=f"target cache mode (default {DEFAULT_CACHE_MODE}; "
                                  "unsafe never flushes, as qemu-img's default)")
-    converting.add_argument("-m", dest="workers", type=int, default=DEFAULT_WORKERS,
+    converting.add_argument("-m", dest="workers", type=_coroutines, default=DEFAULT_WORKERS,
                             help="requests in flight")
     converting.add_argument("-U", "--force-share", action="store_true")
     converting.add_argument("source", nargs="?")

@@ -21,7 +21,8 @@ from corefmt import plugins
 from corefmt.block.chain import open_chain
 from corefmt.block.node import BlockNode
 from corefmt.errors import CorefmtError, OptionError
-from corefmt.ops.create import create
+from corefmt.ops.create import GENERIC_SIZE_KEY, create
+from corefmt.options import parse_option_string
 from corefmt.registry import Registry
 
 DEFAULT_BUFFER_SIZE = 2 * 1024 * 1024
@@ -250,13 +251,22 @@ def convert(source: str | Mapping[str, Any], target: str, *, source_format: str 
                 # Creating the target would truncate it before a byte is copied.
                 raise CorefmtError(f"{target}: is an image of the source chain itself; "
                                    "refusing to convert an image onto itself")
-        create(target, target_format, src.virtual_size, options=options, registry=registry)
+        create(target, target_format, src.virtual_size, options=_without_size(options),
+               registry=registry)
         with open_chain(target, target_format, direct=direct, registry=registry) as dst:
             copy_node(src, dst, sparse_size=sparse_size, buffer_size=buffer_size,
                       workers=workers, progress=progress, target_zeroed=True,
                       flush_interval=FLUSH_INTERVAL if durable else 0)
             if durable:
                 dst.flush()
+
+
+def _without_size(options: Mapping[str, Any] | str | None) -> dict[str, Any]:
+    """Create options for the target: the size is the source's, and a ``size``
+    option is ignored, as qemu-img convert ignores it."""
+    values = dict(parse_option_string(options) if isinstance(options, str) else (options or {}))
+    values.pop(GENERIC_SIZE_KEY, None)
+    return values
 
 
 def _same_file(first: str, second: str) -> bool:

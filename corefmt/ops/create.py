@@ -110,6 +110,9 @@ def _create_image(driver: FormatDriver, path: str, size: int, options: Any,
                   reference: BackingRef | None, base: BlockNode | None,
                   registry: Registry) -> None:
     storage_driver = registry.storage_for(path)
+    # A symlink's target is what create makes: remove that, never the link,
+    # if create fails (a dangling link does not "exist").
+    made = os.path.realpath(path) if os.path.islink(path) else path
     existed = storage_driver.exists(path)
     storage = storage_driver.create(path)
     children = _Children(path, registry)
@@ -125,7 +128,7 @@ def _create_image(driver: FormatDriver, path: str, size: int, options: Any,
         storage.close()
         children.close(failed=True)
         if not existed:
-            _remove(path)
+            _remove(made)
         raise
     storage.close()
     children.close(failed=False)

@@ -73,7 +73,14 @@ REFUSED = [
     (["create", "new.raw"], 1, "size"),
     (["convert", "-S", "abc", "img.raw", "new.raw"], 1, "Invalid sparse size 'abc'"),
     (["convert", "-S", "100", "img.raw", "new.raw"], 1, "sparse size"),
-    (["convert", "-m", "0", "img.raw", "new.raw"], 1, "positive"),
+    (["convert", "-m", "0", "img.raw", "new.raw"], 1, "between 1 and 16"),
+    (["convert", "-m", "1000", "img.raw", "new.raw"], 1, "between 1 and 16"),
+    (["convert", "-m", "1" + "0" * 400, "img.raw", "new.raw"], 1, "between 1 and 16"),
+    # numbers too large for any field: a clear line, never a traceback
+    (["create", "new.raw", "1" + "0" * 400], 1, "Invalid image size"),
+    (["convert", "-S", "1" + "0" * 400, "img.raw", "new.raw"], 1, "Invalid sparse size"),
+    (["create", "-o", "extent_size_hint=1" + "0" * 400, "new.raw", "1M"], 1,
+     "extent_size_hint"),
     # paths that do not exist
     (["info", "missing.raw"], 1, "Could not open 'missing.raw': No such file or directory"),
     (["map", "missing.raw"], 1, "Could not open 'missing.raw'"),
