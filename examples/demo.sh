@@ -22,6 +22,14 @@ corefmt convert -f raw -O raw disk.raw copy.raw
 corefmt compare disk.raw copy.raw
 corefmt map --output=json copy.raw
 
+echo "== node graphs, as qemu writes them: a window of the disk, a request log filter"
+corefmt info --image-opts driver=raw,file.filename=disk.raw,offset=32M,size=1M
+corefmt io -r -c 'read -P 0x5a 0 512k' \
+    --image-opts driver=raw,file.filename=disk.raw,offset=32M,size=1M
+corefmt io -r -c 'read 0 64k' \
+    'json:{"driver":"log","path":"requests.log","file":{"driver":"raw","file":"disk.raw"}}'
+cat requests.log
+
 echo "== the Python API"
 python3 - <<'PY'
 import corefmt
