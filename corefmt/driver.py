@@ -138,9 +138,10 @@ class Image(abc.ABC):
 
     @abc.abstractmethod
     def readinto(self, offset: int, buf: memoryview) -> None:
-        """Read a range this image reported as allocated data (inside one
-        reported extent, aligned to ``request_alignment``, at most
-        ``max_transfer`` long)."""
+        """Read a range this image reported as allocated data: inside one run
+        of extents of one kind (neighbours merged), at most ``max_transfer``
+        long. Reads are not aligned for the driver (only writes are): a
+        driver whose storage needs alignment gets it from the storage."""
 
     @abc.abstractmethod
     def write(self, offset: int, data: bytes | memoryview) -> None:
@@ -158,7 +159,9 @@ class Image(abc.ABC):
 
     def supports(self, capability: str) -> bool:
         """Whether this open image has an optional capability; the default is
-        whether the method exists (override to answer per image)."""
+        whether the method exists (override to answer per image). One name is
+        not a method: ``write_compressed``, answered True by a driver whose
+        ``write`` stores data compressed when given RequestFlags.COMPRESSED."""
         return has_capability(self, capability)
 
     def has_zero_init(self) -> bool:

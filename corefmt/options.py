@@ -131,8 +131,11 @@ def option_help_entries(cls: type | None) -> list[OptionHelp]:
             for f in attrs.fields(cls)]
 
 
-def build_options(cls: type, values: Mapping[str, Any], format_name: str) -> Any:
-    """Instantiate ``cls`` from user-given values, with errors that say which."""
+def build_options(cls: type, values: Mapping[str, Any], format_name: str,
+                  kind: str = "format") -> Any:
+    """Instantiate ``cls`` from user-given values, with errors that say which
+    option was wrong (``kind`` names what the options belong to: a format or
+    a filter)."""
     known = {f.name: f for f in attrs.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
@@ -140,19 +143,15 @@ def build_options(cls: type, values: Mapping[str, Any], format_name: str) -> Any
         if name not in known:
             choices = ", ".join(sorted(known)) or "none"
             raise OptionError(
-                f"Invalid parameter '{key}' for format {format_name} (supported: {choices})"
+                f"Invalid parameter '{key}' for {kind} {format_name} (supported: {choices})"
             )
         kwargs[name] = value
     try:
         return cls(**kwargs)
-    except (ValueError, TypeError) as error:
-        bad = _guess_option(error, kwargs)
+    except (ValueError, TypeError, OptionError) as error:
+        bad = _guess_option(error, kwargs) or _failing_converter(cls, kwargs)
         prefix = f"Invalid value for option '{bad}'" if bad else "Invalid options"
-        raise OptionError(f"{prefix} of format {format_name}: {error}") from None
-    except OptionError as error:
-        bad = _failing_converter(cls, kwargs)
-        prefix = f"Invalid value for option '{bad}'" if bad else "Invalid options"
-        raise OptionError(f"{prefix} of format {format_name}: {error}") from None
+        raise OptionError(f"{prefix} of {kind} {format_name}: {error}") from None
 
 
 def _failing_converter(cls: type, kwargs: Mapping[str, Any]) -> str | None:

@@ -86,24 +86,25 @@ class FilterNode(BlockNode):
                 for extent in child.block_status(offset, length)]
 
     def readinto(self, offset: int, buf: bytearray | memoryview,
-                 flags: RequestFlags = RequestFlags.NONE) -> None:
+                 flags: RequestFlags | int = 0) -> None:
         view = memoryview(buf).cast("B")
         self._check_range(offset, len(view))
-        if view:
-            self._filter.readinto(offset, view, flags)
+        if view:  # filters see RequestFlags (the core passes plain ints)
+            self._filter.readinto(offset, view, RequestFlags(flags))
 
     def write(self, offset: int, data: bytes | bytearray | memoryview,
-              flags: RequestFlags = RequestFlags.NONE) -> None:
+              flags: RequestFlags | int = 0) -> None:
         view = memoryview(data).cast("B")
         self._check_writable()
         self._check_range(offset, len(view))
         if view:
-            self._filter.write(offset, view, flags)
+            self._filter.write(offset, view, RequestFlags(flags))
 
     def write_zeroes(self, offset: int, length: int, unmap: bool = False,
-                     flags: RequestFlags = RequestFlags.NONE) -> None:
+                     flags: RequestFlags | int = 0) -> None:
         self._check_writable()
         self._check_range(offset, length)
+        flags = RequestFlags(flags)
         if unmap:
             flags |= RequestFlags.MAY_UNMAP
         if length:

@@ -212,9 +212,14 @@ class BlockNode(abc.ABC):
         return self.layer().is_allocated_above(base, offset, length)
 
     def reopen(self, read_only: bool) -> None:
-        """Switch this node (and the layer it shows) to read-only or read-write."""
-        self.layer().reopen(read_only)
-        self.read_only = read_only
+        """Switch this node, the filters below it and the layer it shows to
+        read-only or read-write."""
+        layer = self.layer()
+        layer.reopen(read_only)
+        node: BlockNode = self
+        while node is not layer:  # each filter on the way down
+            node.read_only = read_only
+            node = node.children[ROLE_FILTERED]  # type: ignore[assignment]
 
     def copy_up(self, offset: int, length: int, data: bytes | memoryview | None = None) -> int:
         """Copy what the chain below holds into this layer where it is still

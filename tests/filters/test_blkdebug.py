@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -76,6 +77,16 @@ def debugged(image: str, *rules: dict[str, Any], format: str = "raw", **options:
     return open_graph(spec)
 
 
+@contextlib.contextmanager
+def close_fails(node):
+    """For a node whose device fails flushes by the end: close still releases
+    everything, and reports the failed flush of what was left unflushed."""
+    yield node
+    with pytest.raises(StorageError):
+        node.close()
+    assert node.closed
+
+
 def fails_with(code: int, request: Callable[[], Any], reason: str | None = None
                ) -> StorageError:
     """The StorageError ``request`` raises: its errno, and the reason it gives
@@ -91,7 +102,8 @@ def fails_with(code: int, request: Callable[[], Any], reason: str | None = None
 CORE_EVENTS = {
     "read_aio": lambda node: node.read(0, SECTOR),
     "write_aio": lambda node: node.write(0, b"w" * SECTOR),
-    "flush_to_disk": lambda node: node.flush(),
+    # a flush with nothing written is skipped (no event), as in qemu
+    "flush_to_disk": lambda node: (node.write(0, b"f" * SECTOR), node.flush()),
 }
 
 
@@ -108,9 +120,16 @@ def test_a_core_event_injects_eio_once(image, event):
 @pytest.mark.parametrize("event", sorted(CORE_EVENTS))
 def test_a_core_event_without_once_fails_every_time(image, event):
     request = CORE_EVENTS[event]
-    with debugged(image, {"event": event}) as node:
-        for _ in range(3):
-            fails_with(errno.EIO, lambda: request(node))
+    node = debugged(image, {"event": event})
+    for _ in range(3):
+        fails_with(errno.EIO, lambda: request(node))
+    if event == "flush_to_disk":
+        # close flushes what the failed flushes left unflushed: the rule fails
+        # that flush too, and close says so after releasing everything
+        fails_with(errno.EIO, node.close)
+        assert node.closed
+    else:
+        node.close()  # nothing was written: nothing to flush
 
 
 @pytest.mark.parametrize("event", sorted(CORE_EVENTS))
@@ -185,13 +204,17 @@ def test_iotype_limits_the_kind_of_request(tmp_path, iotype, failing):
         "zeroes": lambda node: node.write_zeroes(0, 4096),
         "discard": lambda node: node.discard(0, 4096),
     }
-    with debugged(image, {"event": DRIVER_EVENT, "iotype": iotype}) as node:
-        node.emit(DRIVER_EVENT)
-        for name, request in requests.items():
-            if name == failing:
-                fails_with(errno.EIO, lambda: request(node))  # noqa: B023 - called now
-            else:
-                request(node)
+    node = debugged(image, {"event": DRIVER_EVENT, "iotype": iotype})
+    node.emit(DRIVER_EVENT)
+    for name, request in requests.items():
+        if name == failing:
+            fails_with(errno.EIO, lambda: request(node))  # noqa: B023 - called now
+        else:
+            request(node)
+    if failing == "flush":
+        fails_with(errno.EIO, node.close)  # close's flush of what is unflushed fails too
+    else:
+        node.close()
 
 
 def test_block_status_is_checked_only_when_asked_for(image):
@@ -203,9 +226,9 @@ def test_block_status_is_checked_only_when_asked_for(image):
 
 def test_set_state_makes_the_second_write_fail(image):
     """docs/devel/blkdebug.txt's example: match the 2nd write_aio, not the 1st."""
-    with debugged(image, {"event": "write_aio", "state": 2, "errno": 5},
-                  **{"set-state": [{"event": "write_aio", "state": 1, "new_state": 2}]}
-                  ) as node:
+    with close_fails(debugged(image, {"event": "write_aio", "state": 2, "errno": 5},
+                              **{"set-state": [{"event": "write_aio", "state": 1,
+                                                "new_state": 2}]})) as node:
         node.write(0, b"1" * SECTOR)
         assert node.storage.state == 2
         fails_with(errno.EIO, lambda: node.write(0, b"2" * SECTOR))
@@ -322,7 +345,7 @@ def test_a_power_cut_at_an_event_loses_unflushed_writes_on_a_sim_disk(sim):
         spec = {"driver": "raw", "file": {
             "driver": "blkdebug", "inject-error": rules, "image": {"filename": path},
             "set-state": [{"event": "flush_to_disk", "state": 1, "new_state": 2}]}}
-        with open_graph(spec) as node:
+        with close_fails(open_graph(spec)) as node:
             node.write(0, b"A" * SECTOR)
             node.flush()  # state 1 -> 2: no cut yet
             node.write(SECTOR, b"B" * SECTOR)
@@ -340,7 +363,7 @@ def test_a_power_cut_at_an_event_loses_unflushed_writes_on_a_sim_disk(sim):
 
 def test_a_power_cut_over_a_file_stops_every_request(image):
     before = Path(image).read_bytes()
-    with debugged(image, {"event": DRIVER_EVENT, "action": "powercut"}) as node:
+    with close_fails(debugged(image, {"event": DRIVER_EVENT, "action": "powercut"})) as node:
         node.write(0, b"kept" * 128)
         node.emit(DRIVER_EVENT)
         fails_with(errno.EIO, lambda: node.write(SECTOR, b"lost" * 128))
