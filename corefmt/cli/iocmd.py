@@ -23,7 +23,8 @@ from typing import Any, TextIO
 import attrs
 
 from corefmt.block.node import BlockNode
-from corefmt.errors import CorefmtError, RangeError, ReadOnlyError, StorageError
+from corefmt.errors import CorefmtError, NotSupported, RangeError, ReadOnlyError, StorageError
+from corefmt.flags import RequestFlags
 
 PROGRAM = "corefmt"
 DEFAULT_PATTERN = 0xCD
@@ -485,15 +486,22 @@ class IoSession:
             else:
                 data = bytes([DEFAULT_PATTERN if pattern is None else pattern]) * count
         started = time.perf_counter()
-        if vmstate or compressed:
+        if vmstate:
             raise CommandFailed(f"write failed: {os.strerror(errno.ENOTSUP)}")
+        flags = RequestFlags.NONE  # qemu-io: -f is FUA, -n no fallback, -c compressed
+        if fua:
+            flags |= RequestFlags.FUA
+        if no_fallback:
+            flags |= RequestFlags.NO_FALLBACK
+        if compressed:
+            flags |= RequestFlags.COMPRESSED
         try:
             if zero:
-                self.node.write_zeroes(offset, count, unmap=unmap)
+                self.node.write_zeroes(offset, count, unmap=unmap, flags=flags)
             else:
-                self.node.write(offset, data)
-            if fua:
-                self.node.flush()
+                self.node.write(offset, data, flags)
+        except NotSupported:
+            raise CommandFailed(f"write failed: {os.strerror(errno.ENOTSUP)}") from None
         except CorefmtError as error:
             raise CommandFailed(f"write failed: {_error_reason(error)}") from None
         if not quiet:

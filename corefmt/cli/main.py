@@ -124,7 +124,8 @@ def cmd_create(args: argparse.Namespace) -> int:
     create(args.filename, args.format, args.size, options=options,
            backing=args.backing, backing_format=args.backing_format, unsafe=args.unsafe)
     if not args.quiet:
-        extra = "".join(f" {key}={value}" for key, value in options.items())
+        extra = "".join(f" {key}={value}" for key, value in options.items()
+                        if key != "size")  # the size is printed once, in bytes
         if args.backing:
             extra = f" backing_file={args.backing} backing_fmt={args.backing_format}" + extra
         with open_chain(args.filename, args.format, read_only=True, backing=False) as node:

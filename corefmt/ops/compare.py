@@ -128,7 +128,8 @@ def compare_nodes(a: BlockNode, b: BlockNode, strict: bool = False) -> CompareRe
             b.readinto(position, buf_b[:window])
             found = first_difference(buf_a[:window], buf_b[:window])
             if found is not None:
-                return CompareResult(False, position + found, size_a != size_b)
+                # qemu-img warns of a size mismatch only once the common part matched
+                return CompareResult(False, position + found)
         position += window
     if status_offset is not None:
         return CompareResult(False, status_offset, status_mismatch=True)

@@ -197,6 +197,8 @@ COMPARES = [
     (["b.raw", "a.raw"], 0, "Warning: Image size mismatch!\nImages are identical.\n"),
     (["a.raw", "c.raw"], 1, "Warning: Image size mismatch!\nContent mismatch at offset 1572864!\n"),
     (["c.raw", "a.raw"], 1, "Warning: Image size mismatch!\nContent mismatch at offset 1572864!\n"),
+    # a difference inside the common part: no size warning (qemu checks that part first)
+    (["d.raw", "c.raw"], 1, "Content mismatch at offset 512!\n"),
     (["b.raw", "e.raw"], 0, "Images are identical.\n"),
     (["-s", "a.raw", "b.raw"], 1, "Strict mode: Image size mismatch!\n"),
     (["-s", "a.raw", "a.raw"], 0, "Images are identical.\n"),
