@@ -11,6 +11,7 @@ from typing import NoReturn
 from corefmt import plugins
 from corefmt.block.chain import open_chain
 from corefmt.block.imagespec import parse_image_opts
+from corefmt.capabilities import CheckFix
 from corefmt.cli.fuzz import add_fuzz_parser
 from corefmt.cli.iocmd import run_commands
 from corefmt.cli.stress import add_stress_parser
@@ -227,6 +228,33 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return EXIT_COMPARE_DIFFERENT
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from corefmt.ops import check as check_op
+
+    fix = check_op.REPAIR_MODES.get(args.repair) if args.repair else CheckFix.NONE
+    if fix is None:
+        raise UsageError(f"Unknown option value for -r (expecting 'leaks' or 'all'): "
+                         f"{args.repair}")
+    try:
+        with open_chain(_image(args, "filename", args.format), args.format,
+                        read_only=fix == CheckFix.NONE, backing=False,
+                        allow_protocols=_protocols(args),
+                        force_share=args.force_share and fix == CheckFix.NONE) as node:
+            first = check_op.check_node(node, fix)
+            result = check_op.check_node(node) if fix != CheckFix.NONE else first
+    except check_op.CheckNotSupported as error:
+        _print_error(str(error))
+        return check_op.EXIT_NOT_SUPPORTED
+    for message in result.messages:
+        sys.stderr.write(message + "\n")
+    if not args.quiet:
+        if args.output == "json":
+            print(check_op.format_json(result, node))
+        else:
+            print(check_op.format_human(result, first if fix != CheckFix.NONE else None))
+    return check_op.exit_status(result)
+
+
 def cmd_io(args: argparse.Namespace) -> int:
     with open_chain(_image(args, "filename", args.format), args.format,
                     read_only=args.read_only, copy_on_read=args.copy_on_read,
@@ -306,6 +334,16 @@ def build_parser() -> argparse.ArgumentParser:
     comparing.add_argument("first")
     comparing.add_argument("second")
     comparing.set_defaults(run=cmd_compare)
+
+    checking = verbs.add_parser("check", help="check an image's consistency")
+    checking.add_argument("-f", dest="format")
+    _add_image_opts(checking)
+    checking.add_argument("--output", choices=("human", "json"), default="human")
+    checking.add_argument("-r", dest="repair", help="repair: leaks or all")
+    checking.add_argument("-q", dest="quiet", action="store_true")
+    checking.add_argument("-U", "--force-share", action="store_true")
+    checking.add_argument("filename")
+    checking.set_defaults(run=cmd_check)
 
     io_verb = verbs.add_parser("io", help="run qemu-io style commands on an image")
     io_verb.add_argument("-f", dest="format")
