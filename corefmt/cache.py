@@ -373,6 +373,7 @@ class MetadataCache:
             busy = [entry for entry in self._entries.values() if entry.writing]
         for entry in busy:
             self._wait_written(entry)
+            self._write_back(entry)  # their write failed: the table is dirty, write it
         with self._lock:
             unflushed = self._writes_done != self._writes_durable
         if always_flush_storage or unflushed:
@@ -479,9 +480,8 @@ class MetadataCache:
                         entry.writing = True
                     break
             # Someone else is writing it: one write per table at a time, in order.
+            # Then look again: if their write failed, the table is dirty again.
             self._wait_written(entry)
-            if not wanted:
-                return False  # their copy already had every change marked so far
         try:
             self.storage.write(entry.offset, snapshot)
         except BaseException:

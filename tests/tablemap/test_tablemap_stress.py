@@ -211,9 +211,6 @@ class _FailFirstWrite(corefmt.Storage):
         del self.bytes[size:]
 
 
-@pytest.mark.xfail(strict=True, reason="corefmt/cache.py: a flush that waits for another "
-                   "request's write-back takes it as done even when it failed (the fix is "
-                   "in the tablemap report; then remove this mark)")
 def test_a_flush_does_not_count_a_failed_concurrent_write_back():
     """Seen as lost L2 tables under --crash --errors: one request's eviction
     fails while another request's flush waits for it; that flush reported
