@@ -2,18 +2,36 @@
 
 from __future__ import annotations
 
+import errno
 import os
 
 import pytest
 
+import corefmt
 from corefmt import plugins
 from corefmt.errors import CorefmtError, ReadOnlyError
+from corefmt.ops import convert as convert_module
 from corefmt.storage import file as file_storage
 from corefmt.storage.file import FileStorageDriver
 from corefmt.storage.memory import MemoryStorageDriver
 
 KiB = 1024
 MiB = 1024 * KiB
+BLOCK = 4096
+SEEKS_FOR_HOLES = (os.SEEK_DATA, os.SEEK_HOLE)
+
+
+def no_seek_data(monkeypatch: pytest.MonkeyPatch, code: int = errno.EOPNOTSUPP) -> None:
+    """lseek refuses SEEK_DATA/SEEK_HOLE, as on file systems without them
+    (the file driver's own fallback must then run, not a replacement of it)."""
+    real_lseek = os.lseek
+
+    def lseek(fd: int, position: int, whence: int) -> int:
+        if whence in SEEKS_FOR_HOLES:
+            raise OSError(code, os.strerror(code))
+        return real_lseek(fd, position, whence)
+
+    monkeypatch.setattr(os, "lseek", lseek)
 
 
 @pytest.fixture(params=["native", "degraded"])
@@ -21,8 +39,7 @@ def file_driver(request, monkeypatch):
     """The file driver as the kernel allows, and with every optional feature gone."""
     if request.param == "degraded":
         monkeypatch.setattr(file_storage, "_fallocate", None)
-        monkeypatch.setattr(file_storage.FileStorage, "_probe_run",
-                            lambda self, position, size: (True, size))
+        no_seek_data(monkeypatch)
     return FileStorageDriver()
 
 
@@ -130,3 +147,142 @@ def test_storage_drivers_are_registered_through_the_plugin_hook():
     assert {"file", "memory"} <= set(registry.storages)
     assert registry.storage_for("memory:x").name == "memory"
     assert registry.storage_for(os.path.join("a", "b")).name == "file"
+
+
+# -- tests that fail when the code they guard is broken ------------------------------
+def test_flush_calls_fdatasync(tmp_path, monkeypatch):
+    synced: list[int] = []
+    real_fdatasync = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        synced.append(fd)
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    storage = FileStorageDriver().create(str(tmp_path / "f"))
+    storage.write(0, b"durable")
+    storage.flush()
+    assert synced == [storage.fd]
+    storage.close()
+    reader = FileStorageDriver().open(str(tmp_path / "f"), read_only=True)
+    reader.flush()  # nothing was written through it: nothing to sync
+    reader.close()
+    assert len(synced) == 1
+
+
+@pytest.mark.parametrize("cache", ["writeback", "none"])
+def test_convert_syncs_the_target_after_its_data(tmp_path, monkeypatch, cache):
+    source = tmp_path / "src.raw"
+    source.write_bytes(b"\x01" * 64 * KiB)
+    target = tmp_path / "dst.raw"
+    events: list[tuple[str, str]] = []
+    real_fdatasync, real_pwrite = os.fdatasync, os.pwrite
+
+    def name(fd: int) -> str:
+        return os.readlink(f"/proc/self/fd/{fd}")
+
+    def fdatasync(fd: int) -> None:
+        events.append(("sync", name(fd)))
+        real_fdatasync(fd)
+
+    def pwrite(fd: int, data, offset: int) -> int:
+        events.append(("write", name(fd)))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    corefmt.convert(str(source), str(target), source_format="raw", cache=cache)
+    mine = [kind for kind, path in events if path == str(target)]
+    assert "write" in mine and mine[-1] == "sync"
+
+
+@pytest.mark.parametrize("unmap", [True, False])
+def test_zeroing_an_unaligned_range_zeroes_every_byte_of_it(file_driver, tmp_path, unmap):
+    """Hole punching works on blocks: the partial blocks at either end must be
+    zeroed too (a punch rounded to blocks would leave the tail as it was)."""
+    storage = file_driver.create(str(tmp_path / "f"))
+    storage.write(0, b"\xff" * 64 * KiB)
+    storage.write_zeroes(1000, 10 * BLOCK + 123, unmap=unmap)
+    discard_start, discard_end = 50 * KiB + 7, 50 * KiB + 7 + 2 * BLOCK + 5
+    storage.discard(discard_start, discard_end - discard_start)
+    end = 1000 + 10 * BLOCK + 123
+    data = storage.read(0, 64 * KiB)
+    assert data[:1000] == b"\xff" * 1000
+    assert data[1000:end] == bytes(end - 1000)
+    assert data[end:discard_start] == b"\xff" * (discard_start - end)
+    if file_storage._fallocate is not None:  # discard is a hint: only holes zero it
+        assert data[discard_start:discard_end] == bytes(discard_end - discard_start)
+    assert data[discard_end:] == b"\xff" * (64 * KiB - discard_end)
+    storage.close()
+
+
+@pytest.mark.parametrize("code", [errno.EOPNOTSUPP, errno.EINVAL, errno.ENOTTY])
+def test_without_seek_data_everything_is_data(tmp_path, monkeypatch, code):
+    """The fallback when lseek has no SEEK_DATA: all data (reads decide),
+    never a hole: a hole would make convert and map skip real data."""
+    storage = FileStorageDriver().create(str(tmp_path / "f"))
+    storage.truncate(8 * MiB)
+    storage.write(2 * MiB, b"x" * MiB)
+    no_seek_data(monkeypatch, code)
+    assert storage.data_run(0, 8 * MiB) == (True, 8 * MiB)
+    assert storage.data_run(2 * MiB, MiB) == (True, MiB)
+    assert storage.data_extents(0, 8 * MiB) == [(0, 8 * MiB, True)]
+    assert storage.data_run(8 * MiB, MiB) == (False, MiB)  # past the end: zeros
+    storage.close()
+    with corefmt.open(str(tmp_path / "f"), "raw", read_only=True) as disk:
+        runs = disk.block_status(0, 8 * MiB)
+        assert all(extent.data for extent in runs)
+        assert disk.read(2 * MiB, 4) == b"xxxx"
+
+
+def test_seek_data_past_the_last_data_is_a_hole_to_the_end(tmp_path):
+    storage = FileStorageDriver().create(str(tmp_path / "f"))
+    storage.truncate(8 * MiB)
+    storage.write(0, b"x" * MiB)
+    is_data, _ = storage.data_run(MiB, 7 * MiB)
+    if is_data:
+        storage.close()
+        pytest.skip("this file system reports no holes")
+    assert storage.data_run(4 * MiB, 6 * MiB) == (False, 6 * MiB)  # ENXIO: hole, even past EOF
+    storage.close()
+
+
+def test_zero_runs_keep_a_short_non_zero_tail():
+    zero_block, tail = bytes(BLOCK), b"\x00" * 100 + b"\x07" + b"\x00" * 923
+    assert list(convert_module.zero_runs(memoryview(zero_block + tail), BLOCK)) == [
+        (0, BLOCK, True), (BLOCK, len(tail), False)]
+    assert list(convert_module.zero_runs(memoryview(zero_block + bytes(1024)), BLOCK)) == [
+        (0, BLOCK + 1024, True)]
+    assert not convert_module.is_zero(memoryview(tail))
+
+
+@pytest.mark.parametrize("head", [bytes(BLOCK), b"\x05" * BLOCK], ids=["zero", "data"])
+@pytest.mark.parametrize("cache", ["writeback", "none"])
+def test_convert_copies_a_short_non_zero_tail_block(tmp_path, head, cache):
+    """The image's last block is shorter than the zero-detection block: it is
+    data when one byte of it is not zero (a zero head block sends the buffer
+    through zero_runs, a data head through the no-zero-block shortcut)."""
+    tail = bytes(700) + b"\x09" + bytes(203)  # 5000 bytes in all: virtual 5120
+    source = tmp_path / "src.raw"
+    source.write_bytes(head + tail)
+    target = tmp_path / "dst.raw"
+    corefmt.convert(str(source), str(target), source_format="raw", cache=cache)
+    assert target.read_bytes() == head + tail + bytes(120)
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_a_read_past_the_end_zeroes_the_rest_of_a_reused_buffer(tmp_path, direct):
+    path = tmp_path / "f"
+    path.write_bytes(b"\x01" * 3000)
+    storage = FileStorageDriver().open(str(path), read_only=True, direct=direct)
+    buffer = bytearray(b"\xee" * 3 * BLOCK)
+    storage.readinto(0, buffer)
+    assert buffer == b"\x01" * 3000 + bytes(3 * BLOCK - 3000)
+    buffer[:] = b"\xee" * 3 * BLOCK
+    storage.readinto(2000, memoryview(buffer)[:BLOCK + 1])
+    assert buffer[:BLOCK + 1] == b"\x01" * 1000 + bytes(BLOCK + 1 - 1000)
+    assert buffer[BLOCK + 1:] == b"\xee" * (2 * BLOCK - 1)
+    buffer[:] = b"\xee" * 3 * BLOCK
+    storage.readinto(10 * BLOCK, buffer)  # wholly past the end
+    assert buffer == bytes(3 * BLOCK)
+    storage.close()

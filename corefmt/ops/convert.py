@@ -21,6 +21,7 @@ from corefmt import plugins
 from corefmt.block.chain import open_chain
 from corefmt.block.node import BlockNode
 from corefmt.errors import CorefmtError, OptionError
+from corefmt.extents import ChainExtent
 from corefmt.ops.create import GENERIC_SIZE_KEY, create
 from corefmt.options import parse_option_string
 from corefmt.registry import Registry
@@ -31,8 +32,15 @@ DEFAULT_SPARSE_SIZE = 4096
 #: slower than 2 from page cache, the extra threads contending on the file).
 MIN_WORKERS, MAX_WORKERS = 2, 8
 DEFAULT_WORKERS = max(MIN_WORKERS, min(MAX_WORKERS, os.cpu_count() or MIN_WORKERS))
-#: Block status is asked for in windows of this size (bounds the extent list).
+#: Block status is asked for in windows, the first of this size. A window
+#: that comes back with at most SPARSE_WINDOW_EXTENTS extents doubles the
+#: next one, so a hole of any size is crossed in a number of requests that
+#: grows with the log of its size, not with the size (each request is an
+#: lseek or a table lookup per extent); one with more than
+#: DENSE_WINDOW_EXTENTS starts again from this size (bounds the extent list).
 STATUS_WINDOW = 1024 * 1024 * 1024
+SPARSE_WINDOW_EXTENTS = 64
+DENSE_WINDOW_EXTENTS = 4096
 #: Zero detection compares at most this many bytes per memcmp (the size of
 #: the shared zero buffer it compares against).
 ZERO_WINDOW = 256 * 1024
@@ -56,23 +64,37 @@ DEFAULT_CACHE_MODE = "writeback"
 ProgressFn = Callable[[int, int], None]
 
 
+def chain_extents(node: BlockNode, start: int = 0,
+                  end: int | None = None) -> Iterator[ChainExtent]:
+    """The chain's block status over [start, end), asked for in windows that
+    grow over sparse ranges (see STATUS_WINDOW): the cost follows the number
+    of extents, not the virtual size."""
+    end = node.virtual_size if end is None else end
+    window = STATUS_WINDOW
+    position = start
+    while position < end:
+        window_end = min(end, position + window)
+        extents = node.block_status(position, window_end - position)
+        yield from extents
+        position = window_end
+        if len(extents) <= SPARSE_WINDOW_EXTENTS:
+            window *= 2
+        elif len(extents) > DENSE_WINDOW_EXTENTS:
+            window = STATUS_WINDOW
+
+
 def data_chunks(node: BlockNode, buffer_size: int,
                 start: int = 0, end: int | None = None) -> Iterator[tuple[int, int, bool]]:
     """(offset, length, is_zero) pieces of the chain, data pieces <= buffer_size."""
-    end = node.virtual_size if end is None else end
-    window_start = start
-    while window_start < end:
-        window_end = min(end, window_start + STATUS_WINDOW)
-        for extent in node.block_status(window_start, window_end - window_start):
-            if extent.zero or extent.node is None:
-                yield extent.offset, extent.length, True
-                continue
-            position = extent.offset
-            while position < extent.end:
-                step = min(buffer_size - position % buffer_size, extent.end - position)
-                yield position, step, False
-                position += step
-        window_start = window_end
+    for extent in chain_extents(node, start, end):
+        if extent.zero or extent.node is None:
+            yield extent.offset, extent.length, True
+            continue
+        position = extent.offset
+        while position < extent.end:
+            step = min(buffer_size - position % buffer_size, extent.end - position)
+            yield position, step, False
+            position += step
 
 
 @functools.lru_cache(maxsize=ZERO_LENGTHS_CACHED)
@@ -255,7 +277,8 @@ def convert(source: str | Mapping[str, Any], target: str, *, source_format: str 
                registry=registry)
         with open_chain(target, target_format, direct=direct, registry=registry) as dst:
             copy_node(src, dst, sparse_size=sparse_size, buffer_size=buffer_size,
-                      workers=workers, progress=progress, target_zeroed=True,
+                      workers=workers, progress=progress,
+                      target_zeroed=reads_as_zeros(dst, src.virtual_size),
                       flush_interval=FLUSH_INTERVAL if durable else 0)
             if durable:
                 dst.flush()
@@ -267,6 +290,21 @@ def _without_size(options: Mapping[str, Any] | str | None) -> dict[str, Any]:
     values = dict(parse_option_string(options) if isinstance(options, str) else (options or {}))
     values.pop(GENERIC_SIZE_KEY, None)
     return values
+
+
+def reads_as_zeros(node: BlockNode, length: int) -> bool:
+    """Whether a just created image reads as zeros over [0, length), so that
+    convert may skip the source's zero ranges. A new file does; a device
+    keeps its old content, unless the format's own metadata says zero
+    (a qcow2 on it), which its block status then tells."""
+    layer = node.layer()
+    image = getattr(layer, "image", None)
+    if image is not None and not image.has_zero_init():
+        return False
+    storage = getattr(layer, "storage", None)
+    if storage is None or storage.has_zero_init():
+        return True
+    return all(extent.zero for extent in chain_extents(node, 0, min(length, node.virtual_size)))
 
 
 def _same_file(first: str, second: str) -> bool:

@@ -7,34 +7,31 @@ from typing import Any
 
 from corefmt.block.node import BlockNode
 from corefmt.extents import ChainExtent
-from corefmt.ops.convert import STATUS_WINDOW
+from corefmt.ops.convert import chain_extents
 
 
 def map_entries(node: BlockNode) -> Iterator[dict[str, Any]]:
-    """qemu-img map --output=json entries, neighbours of one kind merged."""
+    """qemu-img map --output=json entries, neighbours of one kind merged
+    (status in growing windows: a petabyte of holes costs a few requests)."""
     pending: dict[str, Any] | None = None
-    position, size = 0, node.virtual_size
-    while position < size:
-        window = min(STATUS_WINDOW, size - position)
-        for extent in node.block_status(position, window):
-            entry: dict[str, Any] = {
-                "start": extent.offset,
-                "length": extent.length,
-                "depth": extent.depth,
-                "present": extent.node is not None,
-                "zero": extent.zero,
-                "data": extent.data,
-            }
-            if extent.host_offset is not None and not extent.compressed:
-                entry["offset"] = extent.host_offset  # qemu prints none for compressed data
-            entry["_file"] = _host_file(extent)
-            if pending is not None and _continues(pending, entry):
-                pending["length"] += entry["length"]
-                continue
-            if pending is not None:
-                yield pending
-            pending = entry
-        position += window
+    for extent in chain_extents(node):
+        entry: dict[str, Any] = {
+            "start": extent.offset,
+            "length": extent.length,
+            "depth": extent.depth,
+            "present": extent.node is not None,
+            "zero": extent.zero,
+            "data": extent.data,
+        }
+        if extent.host_offset is not None and not extent.compressed:
+            entry["offset"] = extent.host_offset  # qemu prints none for compressed data
+        entry["_file"] = _host_file(extent)
+        if pending is not None and _continues(pending, entry):
+            pending["length"] += entry["length"]
+            continue
+        if pending is not None:
+            yield pending
+        pending = entry
     if pending is not None:
         yield pending
 

@@ -18,7 +18,9 @@ _ZERO_CHUNK = bytes(ZERO_CHUNK_SIZE)
 class Storage(abc.ABC):
     """An open byte store (file, memory, ...)."""
 
-    #: What reads and writes must be aligned to (O_DIRECT needs 512/4096).
+    #: What reads and writes must be aligned to (a store that read-modify-writes
+    #: unaligned requests itself, as O_DIRECT files do, says 1: padding added
+    #: above it would land past the end of the file and grow it).
     request_alignment: int = 1
 
     def __init__(self, path: str | None, read_only: bool):
@@ -79,6 +81,11 @@ class Storage(abc.ABC):
         """Bytes the store really occupies (None if unknown)."""
         return None
 
+    def has_zero_init(self) -> bool:
+        """Whether a store just made by ``create`` reads as zeros everywhere
+        (qemu's bdrv_has_zero_init; a device keeps its old content)."""
+        return True
+
     def set_creation_hints(  # noqa: B027 - optional, like flush
             self, *, nocow: bool = False, extent_size_hint: int = 0) -> None:
         """Hints for a new, empty store (qemu's file options ``nocow`` and
@@ -103,19 +110,37 @@ class Storage(abc.ABC):
             raise RangeError(f"{self.path}: negative size {size}")
         self._truncate(size)
 
+    def grow_to(self, size: int) -> int:
+        """Extend the store to at least ``size`` bytes, never shrinking it;
+        return the size it had."""
+        self._check_writable()
+        current = self.size()
+        if size <= current:
+            return current
+        return self._grow(size)
+
+    def _grow(self, size: int) -> int:
+        """Grow to ``size`` if smaller; return the size before. A store whose
+        writes may run concurrently must check and grow as one step with
+        respect to writes past its end, or a write that lands beyond ``size``
+        between the two is cut off (FileStorage and MemoryStorage do); this
+        default only checks first."""
+        current = self.size()
+        if size > current:
+            self._truncate(size)
+        return current
+
     def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
         """Make [offset, offset+length) read as zeros, growing the store if needed."""
         self._check_writable()
         if length <= 0:
             return
         end = offset + length
-        old_size = self.size()
-        if end > old_size:
-            # Zeros past the end are free: growing the store makes them.
-            self._truncate(end)
-            if offset >= old_size:
-                return
-            length = old_size - offset
+        # Zeros past the end are free: growing the store makes them.
+        old_size = self.grow_to(end)
+        if offset >= old_size:
+            return
+        length = min(end, old_size) - offset
         if unmap and self._punch_hole(offset, length):
             return
         if self._zero_range(offset, length):

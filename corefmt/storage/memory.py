@@ -56,6 +56,16 @@ class MemoryStorage(Storage):
             else:
                 store.extend(bytes(size - len(store)))
 
+    def _grow(self, size: int) -> int:
+        """Check and grow under the store's lock, which writes hold too: a
+        write past ``size`` meanwhile is never cut off."""
+        with self._store.lock:
+            store = self._store.data
+            current = len(store)
+            if size > current:
+                store.extend(bytes(size - current))
+            return current
+
     def _zero_range(self, offset: int, length: int) -> bool:
         with self._store.lock:
             self._store.data[offset:offset + length] = bytes(length)
