@@ -357,6 +357,13 @@ class BlkdebugStorage(Storage):
     def _truncate(self, size: int) -> None:
         self.truncate(size)
 
+    def _grow(self, size: int) -> int:
+        self._check("truncate", "truncate")
+        return self.inner.grow_to(size)
+
+    def has_zero_init(self) -> bool:
+        return self.inner.has_zero_init()  # a device below stays a device
+
     def preallocate(self, offset: int, length: int) -> bool:
         self._check("preallocate", "preallocate")
         return self.inner.preallocate(offset, length)

@@ -7,12 +7,12 @@ from collections.abc import Iterator
 import attrs
 
 from corefmt.block.node import BlockNode
+from corefmt.ops.convert import chain_extents
 
 COMPARE_BUFFER_SIZE = 2 * 1024 * 1024
 #: Mismatches are reported at sector granularity, as qemu-img does.
 SECTOR_SIZE = 512
 #: Block status is asked for in windows of this size (bounds the extent list).
-STATUS_WINDOW = 1024 * 1024 * 1024
 
 
 @attrs.frozen
@@ -53,7 +53,7 @@ def _zero_offset(node: BlockNode, start: int, end: int) -> int | None:
     """First non-zero sector of node in [start, end), or None."""
     buf = memoryview(bytearray(COMPARE_BUFFER_SIZE))
     zeros = memoryview(bytes(COMPARE_BUFFER_SIZE))
-    for extent in node.block_status(start, end - start):
+    for extent in chain_extents(node, start, end):
         if extent.zero or extent.node is None:
             continue
         position = extent.offset
@@ -70,15 +70,11 @@ def _zero_offset(node: BlockNode, start: int, end: int) -> int | None:
 def _status_runs(node: BlockNode, size: int) -> Iterator[tuple[int, tuple[bool, bool, bool]]]:
     """(end, status) of maximal runs of one block status, over [0, size)."""
     run_end, status = 0, None
-    position = 0
-    while position < size:
-        window = min(STATUS_WINDOW, size - position)
-        for extent in node.block_status(position, window):
-            key = (extent.data, extent.zero, extent.node is not None)
-            if status is not None and key != status:
-                yield run_end, status
-            status, run_end = key, extent.end
-        position += window
+    for extent in chain_extents(node, 0, size):
+        key = (extent.data, extent.zero, extent.node is not None)
+        if status is not None and key != status:
+            yield run_end, status
+        status, run_end = key, extent.end
     if status is not None:
         yield run_end, status
 
@@ -106,6 +102,36 @@ def status_difference(a: BlockNode, b: BlockNode) -> int | None:
     return None
 
 
+def _zero_runs(node: BlockNode, end: int) -> Iterator[tuple[int, bool]]:
+    """(run end, reads as zeros) over [0, end), neighbours of one kind joined."""
+    run_end, zero = 0, None
+    for extent in chain_extents(node, 0, end):
+        is_zero = extent.zero or extent.node is None
+        if zero is not None and is_zero != zero:
+            yield run_end, zero
+        zero, run_end = is_zero, extent.end
+    if zero is not None:
+        yield run_end, zero
+
+
+def _ranges_to_read(a: BlockNode, b: BlockNode, end: int) -> Iterator[tuple[int, int]]:
+    """Ranges of [0, end) where either image may hold non-zero data: all that
+    must be read to compare them (holes on both sides cost nothing)."""
+    runs_a, runs_b = _zero_runs(a, end), _zero_runs(b, end)
+    end_a, zero_a = next(runs_a, (end, True))
+    end_b, zero_b = next(runs_b, (end, True))
+    position = 0
+    while position < end:
+        step_end = min(end_a, end_b)
+        if not (zero_a and zero_b):
+            yield position, step_end
+        position = step_end
+        if end_a == position:
+            end_a, zero_a = next(runs_a, (end, True))
+        if end_b == position:
+            end_b, zero_b = next(runs_b, (end, True))
+
+
 def compare_nodes(a: BlockNode, b: BlockNode, strict: bool = False) -> CompareResult:
     """qemu-img compare's semantics: a larger image's extra part must be zeros;
     ``strict`` also fails on different sizes and on different block status."""
@@ -116,21 +142,17 @@ def compare_nodes(a: BlockNode, b: BlockNode, strict: bool = False) -> CompareRe
     common = min(size_a, size_b) if status_offset is None else status_offset
     buf_a = memoryview(bytearray(COMPARE_BUFFER_SIZE))
     buf_b = memoryview(bytearray(COMPARE_BUFFER_SIZE))
-    position = 0
-    while position < common:
-        window = min(COMPARE_BUFFER_SIZE, common - position)
-        status_a = a.block_status(position, window)
-        status_b = b.block_status(position, window)
-        zero_a = all(e.zero or e.node is None for e in status_a)
-        zero_b = all(e.zero or e.node is None for e in status_b)
-        if not (zero_a and zero_b):
+    for start, end in _ranges_to_read(a, b, common):
+        position = start
+        while position < end:
+            window = min(COMPARE_BUFFER_SIZE, end - position)
             a.readinto(position, buf_a[:window])
             b.readinto(position, buf_b[:window])
             found = first_difference(buf_a[:window], buf_b[:window])
             if found is not None:
                 # qemu-img warns of a size mismatch only once the common part matched
                 return CompareResult(False, position + found)
-        position += window
+            position += window
     if status_offset is not None:
         return CompareResult(False, status_offset, status_mismatch=True)
     if size_a != size_b:

@@ -22,9 +22,9 @@ import mmap
 import os
 import stat
 import struct
-import threading
 from collections.abc import Callable, Iterator
 
+from corefmt import sync
 from corefmt.block.align import align_down, align_up, aligned_range, write_unaligned
 from corefmt.errors import CorefmtError, StorageError
 from corefmt.storage.base import Storage, StorageDriver
@@ -98,7 +98,7 @@ class FileStorage(Storage):
         #: Held by every change of the size (truncate, growth, writes past the
         #: end, O_DIRECT read-modify-write): a growth never cuts off what
         #: another thread wrote beyond it.
-        self._resize_lock = threading.RLock()
+        self._resize_lock = sync.RLock()  # visible to the stress scheduler
         info = self._stat()
         #: A regular file; anything else (a block device) has a fixed size.
         self.regular = stat.S_ISREG(info.st_mode)

@@ -7,8 +7,7 @@ other by name. Meant for tests and for building images in memory.
 
 from __future__ import annotations
 
-import threading
-
+from corefmt import sync
 from corefmt.errors import CorefmtError
 from corefmt.storage.base import Storage, StorageDriver
 
@@ -20,7 +19,7 @@ class _Store:
 
     def __init__(self) -> None:
         self.data = bytearray()
-        self.lock = threading.Lock()
+        self.lock = sync.Lock()
 
 
 class MemoryStorage(Storage):
@@ -90,7 +89,7 @@ class MemoryStorageDriver(StorageDriver):
 
     def __init__(self) -> None:
         self._stores: dict[str, _Store] = {}
-        self._lock = threading.Lock()
+        self._lock = sync.Lock()
 
     def open(self, path: str, *, read_only: bool, direct: bool = False) -> MemoryStorage:
         with self._lock:

@@ -106,6 +106,13 @@ def test_convert_of_a_petabyte_sparse_raw_costs_per_extent(petabyte_raw, counted
     assert os.stat(target).st_blocks * 512 < 2 * len(EXTENT_STARTS) * EXTENT_LENGTH
 
 
+def test_compare_of_petabyte_sparse_raws_costs_per_extent(petabyte_raw, counted):
+    with corefmt.open(petabyte_raw, "raw", read_only=True) as first, \
+            corefmt.open(petabyte_raw, "raw", read_only=True) as second:
+        assert corefmt.compare_nodes(first, second).identical
+    assert counted["data_run"] < CALL_BUDGET and counted["lseek"] < CALL_BUDGET
+
+
 # -- the chain status cache over a long range ------------------------------------------
 def _extents_of(layout: list[tuple[int, int, bool]]) -> list[ChainExtent]:
     return [ChainExtent(start, length, data, not data, 0, None)
