@@ -46,8 +46,13 @@ _RECORDED = object()  # "backing" not given: open what the image records
 
 
 def probe_format(storage: Storage, registry: Registry) -> FormatDriver:
+    """The format of an image opened without one. A format QEMU knows that no
+    installed plugin reads is refused, never read as raw (corefmt.known_formats)."""
+    from corefmt import known_formats  # could move to the module imports
+
     head = storage.read(0, min(PROBE_HEAD_SIZE, max(storage.size(), 0)))
-    return registry.probe(head, storage.path)
+    return known_formats.probed_driver(head, storage.path, registry,
+                                       known_formats.dmg_trailer(storage))
 
 
 def printable(path: str) -> str:

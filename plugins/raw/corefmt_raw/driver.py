@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import sys
+import threading
+
 import attrs
 
+from corefmt import known_formats, plugins
 from corefmt.block.align import align_up
 from corefmt.driver import PROBE_FALLBACK, BackingRef, FormatDriver, Image, ImageContext
 from corefmt.errors import OptionError
 from corefmt.extents import Extent
 from corefmt.options import choice, option, to_bool, to_size
+from corefmt.registry import PROBE_HEAD_SIZE
 from corefmt.storage.base import Storage
 
 PREALLOCATION_MODES = ("off", "falloc", "full")
@@ -17,6 +22,17 @@ SECTOR_SIZE = 512
 #: qemu's default extent size hint for new files, and the largest it takes.
 DEFAULT_EXTENT_SIZE_HINT = 1024 * 1024
 MAX_EXTENT_SIZE_HINT = 2**32 - 1
+RAW = "raw"
+#: A probed image is guarded where probing looks: a change there could make
+#: the next probing open read it as another format (qemu guards its 512 bytes,
+#: which are all its probes see; corefmt's plugin probes see this much).
+GUARD_WINDOW = PROBE_HEAD_SIZE
+#: What qemu's raw driver prints when it opens a probed image read-write.
+PROBED_WARNING = (
+    "WARNING: Image format was not specified for '{path}' and probing guessed raw.\n"
+    "         Automatically detecting the format is dangerous for raw images, write "
+    "operations on block 0 will be restricted.\n"
+    "         Specify the 'raw' format explicitly to remove the restrictions.\n")
 
 
 def _hint_in_range(_instance: object, _attribute: attrs.Attribute, value: int) -> None:
@@ -69,6 +85,17 @@ class RawImage(Image):
                 self.offset % SECTOR_SIZE, (self.window or 0) % SECTOR_SIZE):
             raise OptionError(f"{context.path}: offset and size must be multiples of "
                               f"{SECTOR_SIZE}")
+        #: The format was guessed: changes that would make it probe as another are refused.
+        self.guarded = context.probed
+        if self.guarded:
+            # As qemu: sub-sector requests become read-modify-write of whole
+            # sectors, so a partial discard cannot punch a byte out of sector 0.
+            self.request_alignment = max(self.request_alignment, SECTOR_SIZE)
+        self._guard_lock = threading.Lock()  # check and write of the window as one step
+        if context.probed and not context.read_only:
+            # qemu's text, on stderr as qemu prints it: scripts grep for it.
+            sys.stderr.write(PROBED_WARNING.format(path=context.path))
+            sys.stderr.flush()
 
     @property
     def virtual_size(self) -> int:  # type: ignore[override]
@@ -85,13 +112,52 @@ class RawImage(Image):
         self.storage.readinto(offset + self.offset, buf)
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
-        self.storage.write(offset + self.offset, data)
+        start = offset + self.offset
+        if not self._in_window(start):
+            self.storage.write(start, data)
+            return
+        with self._guard_lock:
+            self._check_head("write", start, len(data), data)
+            self.storage.write(start, data)
 
     def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
-        self.storage.write_zeroes(offset + self.offset, length, unmap=unmap)
+        start = offset + self.offset
+        if not self._in_window(start):
+            self.storage.write_zeroes(start, length, unmap=unmap)
+            return
+        with self._guard_lock:  # zeroing part of the window can complete a magic too
+            self._check_head("write", start, length, None)
+            self.storage.write_zeroes(start, length, unmap=unmap)
 
     def discard(self, offset: int, length: int) -> None:
-        self.storage.discard(offset + self.offset, length)
+        start = offset + self.offset
+        if not self._in_window(start):
+            self.storage.discard(start, length)
+            return
+        with self._guard_lock:  # discarded bytes may read back as zeros
+            self._check_head("discard", start, length, None)
+            self.storage.discard(start, length)
+
+    # -- the guard of a probed image ------------------------------------------------
+    def _in_window(self, file_offset: int) -> bool:
+        return self.guarded and file_offset < GUARD_WINDOW
+
+    def _check_head(self, operation: str, start: int, length: int,
+                    data: bytes | memoryview | None, new_size: int | None = None) -> None:
+        """Refuse (qemu's EPERM) a change of the file's first bytes after which
+        probing would no longer pick raw; ``data`` None means zeros."""
+        size = self.storage.size()
+        head = bytearray(self.storage.read(0, min(GUARD_WINDOW, size)))
+        if new_size is not None:
+            del head[new_size:]
+            head.extend(bytes(min(new_size, GUARD_WINDOW) - len(head)))
+        end = min(start + length, GUARD_WINDOW)
+        if end > start:
+            head.extend(bytes(max(end - len(head), 0)))
+            head[start:end] = bytes(end - start) if data is None else data[:end - start]
+        other = known_formats.probes_as_other(bytes(head), plugins.registry(), RAW)
+        if other is not None:
+            raise known_formats.ProbedRawWriteError(self.context.path, operation, other)
 
     def supports(self, capability: str) -> bool:
         if capability == "truncate" and (self.offset or self.window is not None):
@@ -99,11 +165,16 @@ class RawImage(Image):
         return super().supports(capability)
 
     def truncate(self, size: int) -> None:
-        self.storage.truncate(size)
+        if not self.guarded:
+            self.storage.truncate(size)
+            return
+        with self._guard_lock:  # cutting or growing the window changes what probes see
+            self._check_head("truncate", size, 0, None, new_size=size)
+            self.storage.truncate(size)
 
 
 class RawDriver(FormatDriver):
-    name = "raw"
+    name = RAW
     create_options = RawCreateOptions
     open_options = RawOpenOptions
     supports_backing = False
@@ -125,7 +196,6 @@ class RawDriver(FormatDriver):
                 )
         elif options.preallocation == "full":
             storage.write_zero_bytes(0, size)
-        storage.flush()
 
     def open(self, storage: Storage, context: ImageContext) -> RawImage:
         return RawImage(storage, context)
