@@ -161,7 +161,7 @@ def test_io_past_the_end_fails_and_changes_nothing(workdir, corefmt):
     before = directory_state(workdir)
     script = ("write 1M 512", "write -P 1 1048575 2", "write -z 1M 512", "discard 1M 512",
               "read 1M 512", "read 1048064 1024", "write -P 1 2M 0")
-    result = corefmt("io", *commands(*script), "img.raw")
+    result = corefmt("io", "-f", "raw", *commands(*script), "img.raw")
     assert result.returncode == 1
     assert result.stderr == ""
     assert result.stdout.splitlines() == [
@@ -169,7 +169,8 @@ def test_io_past_the_end_fails_and_changes_nothing(workdir, corefmt):
     ]
     assert directory_state(workdir) == before
     # A good command in the same run still runs; the run still fails.
-    mixed = corefmt("io", *commands("read 1M 1", "read -P 0x5a 0 512"), "img.raw")
+    mixed = corefmt("io", "-f", "raw", *commands("read 1M 1", "read -P 0x5a 0 512"),
+                    "img.raw")
     assert mixed.returncode == 1
     assert mixed.stdout.splitlines()[:2] == ["read failed: Input/output error",
                                              "read 512/512 bytes at offset 0"]
