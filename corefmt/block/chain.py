@@ -29,6 +29,7 @@ from corefmt.errors import BackingChainError, CorefmtError, OptionError
 from corefmt.filters.base import LAYER_STORAGE, FilterContext
 from corefmt.options import build_options, to_bool
 from corefmt.registry import PROBE_HEAD_SIZE, Registry
+from corefmt.storage import locking
 from corefmt.storage.base import Storage
 
 #: qemu has no fixed limit; this keeps recursion-free code and memory bounded.
@@ -38,8 +39,9 @@ FILE_PROTOCOLS = ("file", "host_device", "host_cdrom")
 #: Keys every node takes (qemu's generic block options).
 KEY_DRIVER, KEY_NODE_NAME, KEY_READ_ONLY, KEY_CACHE = "driver", "node-name", "read-only", "cache"
 KEY_FILE, KEY_FILENAME, KEY_BACKING, KEY_DATA_FILE = "file", "filename", "backing", "data-file"
-#: Accepted for scripts written for qemu; they change nothing here (no image
-#: locking yet, so nothing to share; read-only opening is decided by the verb).
+#: Accepted for scripts written for qemu; they change nothing here (read-only
+#: opening is decided by the verb; force-share counts on file nodes only).
+KEY_FORCE_SHARE, KEY_LOCKING = "force-share", "locking"
 KEYS_WITHOUT_EFFECT = ("force-share", "auto-read-only", "discard", "detect-zeroes")
 
 _RECORDED = object()  # "backing" not given: open what the image records
@@ -192,6 +194,7 @@ class GraphBuilder:
                 raise OptionError(f"Block format '{driver.name}' does not support the "
                                   f"option '{KEY_BACKING}'")
             options = build_open_options(driver, spec, "format")
+            locking.lock_image(storage, driver, options, read_only)
             node = ImageNode(storage=storage, driver=driver, filename=filename,
                              read_only=read_only, hooks=self.hooks, node_name=node_name)
         except BaseException:
@@ -252,6 +255,10 @@ class GraphBuilder:
         spec = {KEY_FILENAME: given} if isinstance(given, str) else dict(given)
         name = spec.pop(KEY_DRIVER, None)
         spec.pop(KEY_NODE_NAME, None)
+        asked = _flag(spec.get(KEY_FORCE_SHARE, False), KEY_FORCE_SHARE)
+        if asked and not read_only:
+            raise OptionError("force-share=on can only be used with read-only images")
+        force_share = (asked or self.force_share) and read_only  # writers always lock
         for key in KEYS_WITHOUT_EFFECT:
             spec.pop(key, None)
         if name is not None and name in self.registry.filters:
@@ -265,11 +272,14 @@ class GraphBuilder:
             options = build_open_options(driver, spec, "filter")
             storage, filename = self.open_storage(inner, read_only=read_only)
             try:
-                return driver.wrap(storage, options), filename
+                wrapped = driver.wrap(storage, options)
+                locking.track(wrapped, force_share=force_share, inner=storage)
+                return wrapped, filename
             except BaseException:
                 storage.close()
                 raise
-        if spec.pop("locking", None) not in (None, "auto", "on", "off", True, False):
+        lock_mode = spec.pop(KEY_LOCKING, None)
+        if lock_mode not in (None, "auto", "on", "off", True, False):
             raise OptionError("Parameter 'locking' expects 'auto', 'on' or 'off'")
         filename = spec.pop(KEY_FILENAME, None)
         if not isinstance(filename, str) or not filename:
@@ -284,8 +294,10 @@ class GraphBuilder:
         extra = ({"force_share": True}
                  if self.force_share and accepts_keyword(storage_driver.open, "force_share")
                  else {})
-        return (storage_driver.open(filename, read_only=read_only, direct=self.direct, **extra),
-                filename)
+        storage = storage_driver.open(filename, read_only=read_only, direct=self.direct, **extra)
+        if lock_mode not in ("off", False):  # the format node takes the locks it needs
+            locking.track(storage, force_share=force_share)
+        return storage, filename
 
     def open_child(self, node: ImageNode, role: str, path: str, *, format: str | None = None,
                    override: Any = None, read_only: bool | None = None) -> Any:

@@ -23,6 +23,7 @@ from corefmt.errors import CorefmtError, ImageError, NotSupported, RangeError
 from corefmt.extents import ChainExtent, Extent, merge_runs
 from corefmt.flags import RequestFlags
 from corefmt.limits import Limits
+from corefmt.storage import locking
 
 if TYPE_CHECKING:
     import pluggy
@@ -257,13 +258,17 @@ class ImageNode(BlockNode):
     def reopen(self, read_only: bool) -> None:
         """Switch between read-only and read-write (commit writes into a backing
         image, then puts it back): the driver reopens on a storage opened in
-        the new mode; a failure restores the old mode."""
+        the new mode; a failure restores the old mode. The image's locks are
+        checked for the new mode before anything closes (another process's
+        refusal changes nothing) and held throughout."""
         if read_only == self.read_only:
             return
         if self._reopener is None:
             raise CorefmtError(f"{self.filename}: this node cannot be reopened")
         old_mode = self.read_only
-        with self._tracker.track(0, WHOLE_IMAGE, exclusive=True):
+        options = self._reopener.context(read_only).options
+        with self._tracker.track(0, WHOLE_IMAGE, exclusive=True), \
+                locking.reopening(self.storage, self.driver, options, read_only):
             self._close_image_for_reopen()
             try:
                 self._open_image_in(read_only)
@@ -292,7 +297,9 @@ class ImageNode(BlockNode):
         self.children[ROLE_FILE] = storage
         self.read_only = read_only
         try:
-            image = self.driver.open(storage, self._reopener.context(read_only))
+            context = self._reopener.context(read_only)
+            locking.lock_image(storage, self.driver, context.options, read_only)
+            image = self.driver.open(storage, context)
         except BaseException:
             storage.close()
             raise

@@ -25,6 +25,7 @@ from corefmt.extents import ChainExtent
 from corefmt.ops.create import GENERIC_SIZE_KEY, create
 from corefmt.options import parse_option_string
 from corefmt.registry import Registry
+from corefmt.storage import locking
 
 DEFAULT_BUFFER_SIZE = 2 * 1024 * 1024
 DEFAULT_SPARSE_SIZE = 4096
@@ -273,9 +274,13 @@ def convert(source: str | Mapping[str, Any], target: str, *, source_format: str 
                 # Creating the target would truncate it before a byte is copied.
                 raise CorefmtError(f"{target}: is an image of the source chain itself; "
                                    "refusing to convert an image onto itself")
-        create(target, target_format, src.virtual_size, options=_without_size(options),
-               registry=registry)
-        with open_chain(target, target_format, direct=direct, registry=registry) as dst:
+        # The target's locks are held from before create truncates it until
+        # the opened target holds its own: no other process gets in between.
+        with locking.creating(target, registry.storage_for(target)):
+            create(target, target_format, src.virtual_size, options=_without_size(options),
+                   registry=registry)
+            target_node = open_chain(target, target_format, direct=direct, registry=registry)
+        with target_node as dst:
             copy_node(src, dst, sparse_size=sparse_size, buffer_size=buffer_size,
                       workers=workers, progress=progress,
                       target_zeroed=reads_as_zeros(dst, src.virtual_size),

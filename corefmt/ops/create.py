@@ -15,6 +15,7 @@ from corefmt.errors import BackingChainError, CorefmtError, OptionError
 from corefmt.options import OptionHelp, build_options, option_help_entries, parse_option_string
 from corefmt.registry import Registry
 from corefmt.sizes import parse_size
+from corefmt.storage import locking
 from corefmt.storage.base import Storage
 
 #: Options every format accepts in ``-o`` (as qemu-img does).
@@ -86,7 +87,8 @@ class _Children:
         if not storage_driver.exists(target):
             self.new_paths.append(target)
         if format is None:
-            child: Storage | BlockNode = storage_driver.create(target)
+            with locking.creating(target, storage_driver):
+                child: Storage | BlockNode = storage_driver.create(target)
         else:
             if size is None:
                 raise OptionError(f"{role} '{target}' of format {format} needs a size")
@@ -114,24 +116,26 @@ def _create_image(driver: FormatDriver, path: str, size: int, options: Any,
     # if create fails (a dangling link does not "exist").
     made = os.path.realpath(path) if os.path.islink(path) else path
     existed = storage_driver.exists(path)
-    storage = storage_driver.create(path)
-    children = _Children(path, registry)
-    try:
-        if accepts_keyword(driver.create, "context"):
-            context = CreateContext(path=path, backing=base,
-                                    create_child=children.create_child)
-            driver.create(storage, size, options, reference, context=context)
-        else:
-            driver.create(storage, size, options, reference)
-        storage.flush()
-    except BaseException:
+    # An image another process uses is refused before create truncates it.
+    with locking.creating(path, storage_driver):
+        storage = storage_driver.create(path)
+        children = _Children(path, registry)
+        try:
+            if accepts_keyword(driver.create, "context"):
+                context = CreateContext(path=path, backing=base,
+                                        create_child=children.create_child)
+                driver.create(storage, size, options, reference, context=context)
+            else:
+                driver.create(storage, size, options, reference)
+            storage.flush()
+        except BaseException:
+            storage.close()
+            children.close(failed=True)
+            if not existed:
+                _remove(made)
+            raise
         storage.close()
-        children.close(failed=True)
-        if not existed:
-            _remove(made)
-        raise
-    storage.close()
-    children.close(failed=False)
+        children.close(failed=False)
 
 
 def create_option_help(format: str, with_protocol: bool,
