@@ -97,7 +97,7 @@ def build_open_options(driver: Any, values: Mapping[str, Any], kind: str) -> Any
         if key.replace("-", "_") not in known:
             raise OptionError(f"Block {kind} '{driver.name}' does not support the option "
                               f"'{key}'")
-    return build_options(cls, values, driver.name)
+    return build_options(cls, values, driver.name, kind)
 
 
 def _flag(value: Any, name: str) -> bool:
@@ -117,6 +117,7 @@ class GraphBuilder:
         self.direct = direct
         self.max_depth = max_depth
         self.allow_protocols = frozenset(allow_protocols)
+        self.no_flush = False
         self.force_share = force_share
         self.hooks = plugins.plugin_manager().hook
         self.opened: list[BlockNode] = []
@@ -169,6 +170,8 @@ class GraphBuilder:
                 raise OptionError(f"Invalid parameter 'cache.{sorted(unknown)[0]}'")
             if "direct" in cache:
                 self.direct = _flag(cache["direct"], "cache.direct") or self.direct
+            if "no-flush" in cache:  # qemu's cache=unsafe: flushes do nothing
+                self.no_flush = _flag(cache["no-flush"], "cache.no-flush") or self.no_flush
         for key in KEYS_WITHOUT_EFFECT:
             spec.pop(key, None)
         return node_name, read_only
@@ -190,13 +193,14 @@ class GraphBuilder:
         try:
             driver = (self.registry.format(driver_name) if driver_name
                       else probe_format(storage, self.registry))
-            if backing_spec is not _RECORDED and not driver.supports_backing:
+            if backing_spec not in (_RECORDED, None) and not driver.supports_backing:
                 raise OptionError(f"Block format '{driver.name}' does not support the "
                                   f"option '{KEY_BACKING}'")
             options = build_open_options(driver, spec, "format")
             locking.lock_image(storage, driver, options, read_only)
             node = ImageNode(storage=storage, driver=driver, filename=filename,
                              read_only=read_only, hooks=self.hooks, node_name=node_name)
+            node.no_flush = self.no_flush
         except BaseException:
             storage.close()
             raise

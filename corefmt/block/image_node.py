@@ -77,6 +77,10 @@ class ImageNode(BlockNode):
         #: How to open this node's storage and context again (set by the graph
         #: builder; None: the node cannot be reopened).
         self._reopener: Reopener | None = None
+        #: Changes made through this node, and how many a flush has covered.
+        self._write_generation = self._flushed_generation = 0
+        #: qemu's cache.no-flush (cache=unsafe): flush and close never flush.
+        self.no_flush = False
         if read_only:
             self._status_cache = self._new_status_cache()
 
@@ -399,12 +403,12 @@ class ImageNode(BlockNode):
                     continue  # a guest write landed meanwhile: it wins
                 fill = self._fill_data(own.offset, own.length, offset, data)
                 if fill.count(0) == len(fill) and supports(self._image, "write_zeroes"):
-                    self._zero_with_driver(own.offset, own.length, 0)
+                    self._zero_with_driver(own.offset, own.length, _FILL)
                 else:
                     self._write_aligned(own.offset, memoryview(fill), _FILL)
                 written += own.length
         if written:
-            self._invalidate_status()
+            self._changed()
         return written
 
     def _fill_data(self, start: int, length: int, offset: int,
@@ -442,7 +446,7 @@ class ImageNode(BlockNode):
         start, end = aligned_range(offset, len(view), self.request_alignment)
         with self._tracker.track(start, end, exclusive=True):
             self._write_aligned(offset, view, flags)
-        self._invalidate_status()
+        self._changed()
 
     def _write_aligned(self, offset: int, view: memoryview, flags: int) -> None:
         write_unaligned(offset, view, self.request_alignment, self._read_untracked,
@@ -477,7 +481,7 @@ class ImageNode(BlockNode):
         start, end = aligned_range(offset, length, self.request_alignment)
         with self._tracker.track(start, end, exclusive=True):
             self._zero_with_driver(offset, length, flags)
-        self._invalidate_status()
+        self._changed()
 
     def _zero_with_driver(self, offset: int, length: int, flags: int) -> None:
         alignment = max(self._limits.zeroes_alignment, self.request_alignment)
@@ -545,14 +549,25 @@ class ImageNode(BlockNode):
                     self._image.discard(position, min(step, inner_end - position))
             except NotSupported:
                 pass  # discard is a hint: declining it loses nothing
+        self._changed()
+
+    def _changed(self) -> None:
+        """A request changed the image: status above is stale, a flush is due."""
+        self._write_generation += 1
         self._invalidate_status()
 
     def flush(self) -> None:
-        if self.read_only:
+        """Make every completed write durable; nothing to do (no event, no
+        driver flush) when nothing was written since the last one, as qemu."""
+        if self.read_only or self.no_flush:
+            return
+        generation = self._write_generation
+        if generation == self._flushed_generation:
             return
         self._observe("flush", 0, 0)
         self.emit(EVENT_FLUSH)
         self._image.flush()
+        self._flushed_generation = generation
 
     def truncate(self, size: int) -> None:
         self._check_writable()
@@ -562,14 +577,15 @@ class ImageNode(BlockNode):
             raise CorefmtError(f"{self.filename}: format {self.format_name} cannot be resized")
         with self._tracker.track(0, max(size, self.virtual_size) + 1, exclusive=True):
             self._image.truncate(size)
-        self._invalidate_status()
+        self._changed()
 
     # -- lifetime -------------------------------------------------------------------
     def _release(self) -> None:
         storage = self.storage
         try:
             if self.image is not None:
-                if not self.read_only:
+                if not (self.read_only or self.no_flush) and \
+                        self._write_generation != self._flushed_generation:
                     self.image.flush()  # close promises a durable image
                 self.image.close()
             else:

@@ -278,8 +278,10 @@ def convert(source: str | Mapping[str, Any], target: str, *, source_format: str 
         # the opened target holds its own: no other process gets in between.
         with locking.creating(target, registry.storage_for(target)):
             create(target, target_format, src.virtual_size, options=_without_size(options),
+                   flush=durable,
                    registry=registry)
-            target_node = open_chain(target, target_format, direct=direct, registry=registry)
+            target_node = open_chain(target, target_format, direct=direct, registry=registry,
+                                     options=None if durable else {"cache": {"no-flush": True}})
         with target_node as dst:
             copy_node(src, dst, sparse_size=sparse_size, buffer_size=buffer_size,
                       workers=workers, progress=progress,

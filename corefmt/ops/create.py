@@ -26,11 +26,12 @@ GENERIC_BACKING_KEYS = ("backing_file", "backing_fmt")
 def create(path: str, format: str = "raw", size: int | str | None = None, *,
            options: Mapping[str, Any] | str | None = None, backing: str | None = None,
            backing_format: str | None = None, registry: Registry | None = None,
-           unsafe: bool = False) -> None:
+           unsafe: bool = False, flush: bool = True) -> None:
     """Create an image; everything is validated before any file is touched.
 
     ``unsafe`` (qemu-img create -u) records a backing file without opening
-    it: the size must then be given.
+    it: the size must then be given. ``flush`` False leaves the new image
+    unflushed (convert -t unsafe, as qemu-img).
     """
     registry = registry or plugins.registry()
     driver = registry.format(format)
@@ -63,7 +64,7 @@ def create(path: str, format: str = "raw", size: int | str | None = None, *,
         if size is None:
             raise OptionError("Image creation needs a size parameter")
         byte_size = parse_size(size, "image size")
-        _create_image(driver, path, byte_size, parsed, reference, base, registry)
+        _create_image(driver, path, byte_size, parsed, reference, base, registry, flush)
     finally:
         if base is not None:
             base.close()
@@ -110,7 +111,7 @@ class _Children:
 
 def _create_image(driver: FormatDriver, path: str, size: int, options: Any,
                   reference: BackingRef | None, base: BlockNode | None,
-                  registry: Registry) -> None:
+                  registry: Registry, flush: bool = True) -> None:
     storage_driver = registry.storage_for(path)
     # A symlink's target is what create makes: remove that, never the link,
     # if create fails (a dangling link does not "exist").
@@ -127,7 +128,8 @@ def _create_image(driver: FormatDriver, path: str, size: int, options: Any,
                 driver.create(storage, size, options, reference, context=context)
             else:
                 driver.create(storage, size, options, reference)
-            storage.flush()
+            if flush:
+                storage.flush()
         except BaseException:
             storage.close()
             children.close(failed=True)
