@@ -122,6 +122,10 @@ class ImageNode(BlockNode):
         return self._limits
 
     @property
+    def request_alignment(self) -> int:
+        return self._limits.request_alignment  # asked on every request
+
+    @property
     def _image(self) -> Image:
         if self.image is None or self._closed:
             raise CorefmtError(f"{self.filename}: image is closed")
@@ -361,8 +365,12 @@ class ImageNode(BlockNode):
 
     def _read_own(self, offset: int, view: memoryview) -> None:
         image = self._image
-        self.emit(EVENT_READ)
-        step = self._limits.max_transfer or len(view)
+        if self._event_sinks:
+            self.emit(EVENT_READ)
+        step = self._limits.max_transfer
+        if step is None or step >= len(view):
+            image.readinto(offset, view)  # the common case: one call
+            return
         for done in range(0, len(view), step):
             image.readinto(offset + done, view[done:done + step])
 
@@ -456,8 +464,15 @@ class ImageNode(BlockNode):
         """An aligned write to the driver, cut at max_transfer, flags honoured."""
         image = self._image
         view = memoryview(data)
-        step = self._limits.max_transfer or len(view)
-        self.emit(EVENT_WRITE)
+        if self._event_sinks:
+            self.emit(EVENT_WRITE)
+        step = self._limits.max_transfer
+        if (step is None or step >= len(view)) and not self._write_takes_flags:
+            image.write(offset, view)  # the common case: one call
+            if flags & _FUA:
+                image.flush()
+            return
+        step = step or len(view)
         for done in range(0, len(view), step):
             if self._write_takes_flags:
                 image.write(offset + done, view[done:done + step], flags=RequestFlags(flags))

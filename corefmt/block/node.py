@@ -142,6 +142,10 @@ class BlockNode(abc.ABC):
     def _invalidate_status(self) -> None:
         """A change here: cached status here and in every node above is stale
         (a new generation; nothing computed before it is inserted after)."""
+        self.status_generation += 1
+        if not self._overlays.data:  # the top of a chain: nothing above (every write)
+            return
+        self.status_generation -= 1  # the walk below counts this node once
         pending: list[BlockNode] = [self]
         seen: set[int] = set()
         while pending:
