@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 
 import corefmt
@@ -244,34 +242,6 @@ def test_long_chain_reads_use_cached_status(blockmap, tmp_path, monkeypatch):
         # later reads ask only the top layer; the chain below is cached
         assert len(calls) - first == 16
         assert first >= layers
-
-
-def test_concurrent_overlapping_unaligned_writes_are_serialised(blockmap, tmp_path):
-    path = str(tmp_path / "a.bm")
-    corefmt.create(path, "blockmap", 64 * KiB)
-    with corefmt.open(path) as disk:
-        errors = []
-
-        def writer(value: int) -> None:
-            try:
-                for round_ in range(30):
-                    start = (value * 97 + round_ * 31) % 4000
-                    disk.write(start, bytes([value]) * 3000)  # unaligned: RMW
-            except Exception as error:
-                errors.append(error)
-
-        threads = [threading.Thread(target=writer, args=(v,)) for v in range(1, 9)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        assert not errors
-        # RMW of one write never resurrects bytes another write replaced:
-        # every byte holds a value some writer wrote there, and the final
-        # round of the last-finishing writes is intact.
-        data = disk.read(0, 8192)
-        assert set(data) <= set(range(0, 9))
-        assert disk._tracker.in_flight == 0
 
 
 def test_backing_name_with_control_characters_gives_a_one_line_error(blockmap, tmp_path):

@@ -52,6 +52,11 @@ def add_stress_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="leave copy-on-read off in chains")
     parser.add_argument("--no-delays", dest="delays", action="store_false",
                         help="complete racing storage requests in issue order (no reordering)")
+    parser.add_argument("--real-files", dest="real_files", action="store_true",
+                        help="run the workload on real files (file storage, threads the OS "
+                             "schedules): the concurrency part only, no --crash/--errors")
+    parser.add_argument("--direct", action="store_true",
+                        help="with --real-files: open the images with O_DIRECT")
     parser.add_argument("--matrix", action="store_true",
                         help="test every installed format, alone and over each base, "
                              "and print a table (driver x results)")
@@ -61,7 +66,7 @@ def add_stress_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace) -> StressConfig:
-    from corefmt.stress.runner import StressConfig
+    from corefmt.stress.runner import StressConfig, check_config
     size = parse_size(args.size, "image size")
     if size <= 0 or size % SECTOR_SIZE:
         raise OptionError(f"Invalid image size '{args.size}': must be whole 512-byte sectors")
@@ -77,9 +82,12 @@ def _config(args: argparse.Namespace) -> StressConfig:
     if args.matrix and args.options:
         raise OptionError("-o applies to one format: use it with --format, not --matrix")
     options = check_create_options(args.format, args.options)
-    return StressConfig(format=args.format, base=args.base, size=size, operations=args.ops,
-                        crash=args.crash, errors=args.errors, copy_on_read=args.copy_on_read,
-                        delays=args.delays, options=options)
+    config = StressConfig(format=args.format, base=args.base, size=size, operations=args.ops,
+                          crash=args.crash, errors=args.errors, copy_on_read=args.copy_on_read,
+                          delays=args.delays, options=options, real_files=args.real_files,
+                          direct=args.direct)
+    check_config(config)
+    return config
 
 
 def matrix_targets(base_config: StressConfig) -> list[StressConfig]:

@@ -8,6 +8,14 @@ of the states it went through since the last flush (a seed chooses which):
 the weakest ordering a disk with a volatile cache allows, so format drivers
 that rely on unflushed ordering are caught.
 
+A failed flush either fails before touching the cache (a later flush saves
+everything) or, as a failed fsync may on Linux, drops the dirty data: each
+sector it held keeps one of its states since the last flush on the medium
+and is marked clean, so no later flush writes it (the page cache still
+serves it to reads). Since nothing can say which writes were lost, a
+``SimStorage`` then fails every later flush of that open (qemu's answer to
+the same problem: no flush may claim durability for data that is gone).
+
 Concurrent requests complete in another order than they were issued when a
 ``gate`` is installed: every request first waits there, and a scheduler
 (the stress runner's) decides which waiting request completes next. The
@@ -82,6 +90,9 @@ class SimFault:
     tear_sectors: int = 0
     #: Cut the power before this request; the value seeds the crash choice.
     power_cut: int | None = None
+    #: For a failing flush: drop the dirty data (the value seeds which sector
+    #: states reach the medium) instead of leaving the cache as it was.
+    drop_cache: int | None = None
 
 
 FaultPolicy = Callable[[SimRequest], SimFault | None]
@@ -91,7 +102,12 @@ RequestGate = Callable[[str], None]
 
 @attrs.define
 class _CachedOp:
-    """One unflushed change: a write (``data``) or a resize (``data`` None)."""
+    """One unflushed change: a write (``data``) or a resize (``data`` None).
+
+    A write keeps the whole sectors it touched as they were just after it
+    (a page cache writes back pages, not bytes), so replaying the cache onto
+    a medium that lost earlier writes gives only states the sectors had.
+    """
 
     offset: int
     data: bytes | None
@@ -113,6 +129,10 @@ class SimDisk:
         self.dead = False
         self.crash_image: bytearray | None = None
         self.errors_injected = 0
+        #: Tags of the requests that failed on purpose (policy or lost data).
+        self.injected_tags: set[int] = set()
+        #: Failed flushes that dropped the dirty data (see the module docstring).
+        self.cache_drops = 0
         self.requests = 0
         self._per_tag: dict[int, int] = {}
 
@@ -137,13 +157,23 @@ class SimDisk:
             self.power_cut(random.Random(fault.power_cut))
             raise OSError(errno.EIO, "simulated power cut")
         if fault.error is not None and kind not in _WRITE_KINDS:
+            if kind == "flush" and fault.drop_cache is not None:
+                self._drop_cache(random.Random(fault.drop_cache))
             self._inject(fault.error)
         return fault
 
-    def _inject(self, error: int) -> None:
+    def _inject(self, error: int, message: str | None = None) -> None:
         with self.lock:
             self.errors_injected += 1
-        raise OSError(error, os.strerror(error))
+            self.injected_tags.add(current_tag())
+        raise OSError(error, message or os.strerror(error))
+
+    def _drop_cache(self, rng: random.Random) -> None:
+        """A failed fsync: the dirty data is marked clean, some of it on the medium."""
+        with self.lock:
+            self.durable = surviving_content(self.durable, self.cache, rng)
+            self.cache.clear()
+            self.cache_drops += 1
 
     def read(self, offset: int, buf: memoryview) -> None:
         self._begin("read", offset, len(buf))
@@ -179,7 +209,10 @@ class SimDisk:
             if end > len(self.current):
                 self.current.extend(bytes(end - len(self.current)))
             self.current[offset:end] = data
-            self.cache.append(_CachedOp(offset, bytes(data), len(self.current)))
+            first = offset - offset % SECTOR_SIZE
+            last = min(-(-end // SECTOR_SIZE) * SECTOR_SIZE, len(self.current))
+            self.cache.append(_CachedOp(first, bytes(self.current[first:last]),
+                                        len(self.current)))
 
     def truncate(self, size: int) -> None:
         self._begin("truncate", size, 0)
@@ -192,12 +225,19 @@ class SimDisk:
                 self.current.extend(bytes(size - old))
             self.cache.append(_CachedOp(min(size, old), None, size))
 
-    def flush(self) -> None:
+    def flush(self, drops_seen: int | None = None) -> None:
+        """Write the cache back; with ``drops_seen`` (the opener's count of
+        dropped caches), fail if a flush dropped the cache since."""
         self._begin("flush", 0, 0)
         with self.lock:
             self._check_alive()
-            self.durable = bytearray(self.current)
-            self.cache.clear()
+            lost = drops_seen is not None and drops_seen != self.cache_drops
+            if not lost:
+                # Only dirty sectors are written: data a failed flush dropped stays lost.
+                self.durable = _replay(self.durable, self.cache)
+                self.cache.clear()
+        if lost:
+            self._inject(errno.EIO, "an earlier flush failed and dropped unwritten data")
 
     def _check_alive(self) -> None:
         if self.dead:
@@ -232,6 +272,23 @@ class SimDisk:
             self.dead = False
             self.crash_image = None
             self._per_tag.clear()
+
+
+def _replay(durable: bytes, cache: list[_CachedOp]) -> bytearray:
+    """The medium after writing back the cache (equal to the current bytes
+    unless a failed flush dropped dirty data)."""
+    result = bytearray(durable)
+    for op in cache:
+        if op.data is not None:
+            end = op.offset + len(op.data)
+            if end > len(result):
+                result.extend(bytes(end - len(result)))
+            result[op.offset:end] = op.data
+        if op.size_after < len(result):
+            del result[op.size_after:]
+        else:
+            result.extend(bytes(op.size_after - len(result)))
+    return result
 
 
 def _op_sectors(op: _CachedOp, width: int) -> range:
@@ -286,6 +343,8 @@ class SimStorage(Storage):
         super().__init__(path, read_only)
         self.disk = disk
         self.request_alignment = disk.alignment
+        #: Dropped caches seen at open: a later drop fails this open's flushes.
+        self._drops_at_open = disk.cache_drops
 
     def _call(self, operation: str, function: Callable[..., None], *args: object) -> None:
         try:
@@ -315,7 +374,7 @@ class SimStorage(Storage):
 
     def flush(self) -> None:
         if not self.read_only:
-            self._call("flush", self.disk.flush)
+            self._call("flush", self.disk.flush, self._drops_at_open)
 
     def allocated_size(self) -> int | None:
         return self.disk.size()
@@ -354,6 +413,11 @@ class SimStorageDriver(StorageDriver):
     def forget(self, path: str) -> None:
         with self._lock:
             self._disks.pop(path, None)
+
+    def names(self, prefix: str) -> list[str]:
+        """Disks whose names start with ``prefix`` (an image and its data files)."""
+        with self._lock:
+            return sorted(name for name in self._disks if name.startswith(prefix))
 
     def resolve(self, path: str, relative_to: str | None) -> str:
         return path if path.startswith(PREFIX) else PREFIX + path

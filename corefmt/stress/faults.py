@@ -4,6 +4,12 @@ Everything is keyed by (request tag, request index), never by arrival
 order, so the same seed fails and cuts the power at the same requests
 whatever the threads do. (The order in which requests complete is the
 scheduler's business: ``corefmt.stress.scheduler``.)
+
+Workload operations are tags 0..n-1; the phases around them have tags of
+their own (``CREATE_TAG``, and n, n+1 for closing and reopening), so a
+seed can also fail or cut a create, a close or an open. The choices added
+for those phases come from their own random streams: a seed's workload and
+its faults on workload requests stay what they were.
 """
 
 from __future__ import annotations
@@ -14,15 +20,30 @@ import threading
 
 import attrs
 
-from corefmt.storage.simulated import NO_TAG, SimFault, SimRequest
+from corefmt.storage.simulated import NO_TAG, SimDisk, SimFault, SimRequest
 
 ERROR_SHARE = 0.12
 ENOSPC_SHARE = 0.3
 #: The n-th storage request of a chosen op fails (0 or 1: ops make few).
 MAX_FAULT_INDEX = 1
 MAX_TEAR_SECTORS = 4
-#: Storage requests that may run out of space (reads and flushes only get EIO).
-WRITE_REQUESTS = frozenset({"write", "zero", "discard", "truncate"})
+#: Storage requests that may run out of space (reads only get EIO). A flush
+#: may: delayed allocation, thin provisioning and NFS report ENOSPC at fsync.
+ENOSPC_REQUESTS = frozenset({"write", "zero", "discard", "truncate", "flush"})
+#: Share of failed flushes that drop the dirty data (Linux's fsync), not keep it.
+DROP_SHARE = 0.5
+#: Share of crash seeds whose power goes while the image closes, not in the workload.
+CLOSE_CUT_SHARE = 0.2
+#: Share of seeds whose first reopen is cut (crash runs) or failed (error runs).
+REOPEN_FAULT_SHARE = 0.5
+#: A faulted open or close fails or loses power at one of its first requests.
+MAX_PHASE_FAULT_INDEX = 3
+#: With both power cuts and errors on, the share of faulted phases that lose power.
+CUT_OR_ERROR = 0.5
+#: The tag of a create's requests (workload tags are never negative).
+CREATE_TAG = -2
+#: Names of the random streams of the phase choices (apart from the workload's).
+DROP_STREAM, LIFECYCLE_STREAM, CREATE_STREAM = "drop", "lifecycle", "create"
 
 
 @attrs.frozen
@@ -30,6 +51,9 @@ class PlannedError:
     error: int
     index: int
     tear_sectors: int
+    #: If the failing request is a flush: seeds the dropped cache's survivors
+    #: (None: the flush fails before touching the cache).
+    drop_seed: int | None = None
 
 
 @attrs.define
@@ -41,6 +65,10 @@ class FaultPlan:
     crash_tag: int | None = None
     crash_disk: str | None = None
     crash_seed: int = 0
+    #: The power goes before this request of the crash tag on the crash disk.
+    crash_index: int = 0
+    #: Every disk of the machine: a power cut takes them all at once.
+    machine: list[SimDisk] = attrs.field(factory=list)
     fired: set[int] = attrs.field(factory=set)
     lock: threading.Lock = attrs.field(factory=threading.Lock)
 
@@ -48,7 +76,10 @@ class FaultPlan:
         if request.tag == NO_TAG:
             return None
         if (request.tag == self.crash_tag and request.disk == self.crash_disk
-                and request.index == 0):
+                and request.index == self.crash_index):
+            for disk in self.machine:
+                if disk.name != request.disk:
+                    disk.power_cut(random.Random(f"{self.crash_seed}:{disk.name}"))
             return SimFault(power_cut=self.crash_seed)
         planned = self.errors.get(request.tag)
         if planned is not None and request.index == planned.index:
@@ -56,26 +87,84 @@ class FaultPlan:
                 fire = request.tag not in self.fired
                 self.fired.add(request.tag)
             if fire:
-                error = planned.error if request.kind in WRITE_REQUESTS else errno.EIO
-                return SimFault(error=error, tear_sectors=planned.tear_sectors)
+                error = planned.error if request.kind in ENOSPC_REQUESTS else errno.EIO
+                drop = planned.drop_seed if request.kind == "flush" else None
+                return SimFault(error=error, tear_sectors=planned.tear_sectors,
+                                drop_cache=drop)
         return None
+
+    def cut_machine(self) -> None:
+        """The power goes now (no-op for disks that already lost it)."""
+        for disk in self.machine:
+            seed = self.crash_seed if disk.name == self.crash_disk else \
+                f"{self.crash_seed}:{disk.name}"
+            disk.power_cut(random.Random(seed))
 
     def was_fired(self, tag: int) -> bool:
         with self.lock:
             return tag in self.fired
 
 
+def _error(rng: random.Random, drops: random.Random, index: int) -> PlannedError:
+    error = errno.ENOSPC if rng.random() < ENOSPC_SHARE else errno.EIO
+    tear = rng.randint(0, MAX_TEAR_SECTORS)
+    drop = drops.getrandbits(32) if drops.random() < DROP_SHARE else None
+    return PlannedError(error, index, tear, drop)
+
+
 def plan_faults(rng: random.Random, seed: int, operations: int, *, errors: bool,
                 crash_disk: str | None) -> FaultPlan:
+    """Faults of the workload's ops (tags 0..operations-1) and of the close
+    that follows it (tag ``operations``)."""
     plan = FaultPlan(seed)
+    drops = random.Random(f"{seed}:{DROP_STREAM}")
+    lifecycle = random.Random(f"{seed}:{LIFECYCLE_STREAM}")
     if errors:
         for tag in range(operations):
             if rng.random() < ERROR_SHARE:
-                error = errno.ENOSPC if rng.random() < ENOSPC_SHARE else errno.EIO
-                plan.errors[tag] = PlannedError(error, rng.randint(0, MAX_FAULT_INDEX),
-                                                rng.randint(0, MAX_TEAR_SECTORS))
+                plan.errors[tag] = _error(rng, drops, rng.randint(0, MAX_FAULT_INDEX))
+        if lifecycle.random() < ERROR_SHARE:
+            plan.errors[operations] = _error(lifecycle, drops,
+                                             lifecycle.randint(0, MAX_FAULT_INDEX))
     if crash_disk is not None and operations:
         plan.crash_tag = rng.randrange(operations)
         plan.crash_disk = crash_disk
         plan.crash_seed = rng.getrandbits(32)
+        if lifecycle.random() < CLOSE_CUT_SHARE:
+            plan.crash_tag = operations
+            plan.crash_index = lifecycle.randint(0, MAX_PHASE_FAULT_INDEX)
+    return plan
+
+
+def plan_reopen(seed: int, tag: int, disk: str, *, cut: bool, error: bool) -> FaultPlan | None:
+    """A fault in the first reopen after the run: a power cut (if ``cut``)
+    or an error at one of its first requests; None for most seeds."""
+    rng = random.Random(f"{seed}:{LIFECYCLE_STREAM}:reopen")
+    if not (cut or error) or rng.random() >= REOPEN_FAULT_SHARE:
+        return None
+    plan = FaultPlan(seed)
+    index = rng.randint(0, MAX_PHASE_FAULT_INDEX)
+    if cut and error:
+        cut = rng.random() < CUT_OR_ERROR
+    if cut:
+        plan.crash_tag, plan.crash_disk, plan.crash_index = tag, disk, index
+        plan.crash_seed = rng.getrandbits(32)
+    else:
+        plan.errors[tag] = PlannedError(errno.EIO, index, 0)
+    return plan
+
+
+def plan_create(seed: int, requests: int, disk: str, *, cut: bool, error: bool) -> FaultPlan:
+    """Cut the power before (if ``cut``), or fail, one of the ``requests`` a create makes."""
+    rng = random.Random(f"{seed}:{CREATE_STREAM}")
+    plan = FaultPlan(seed)
+    index = rng.randrange(max(requests, 1))
+    if cut and error:
+        cut = rng.random() < CUT_OR_ERROR
+    if cut:
+        plan.crash_tag, plan.crash_disk, plan.crash_index = CREATE_TAG, disk, index
+        plan.crash_seed = rng.getrandbits(32)
+    else:
+        code = errno.ENOSPC if rng.random() < ENOSPC_SHARE else errno.EIO
+        plan.errors[CREATE_TAG] = PlannedError(code, index, rng.randint(0, MAX_TEAR_SECTORS))
     return plan

@@ -159,6 +159,12 @@ class ImageModel:
         return [f"{what}: sector {sector} (offset {sector * SECTOR_SIZE}) holds content "
                 f"that no allowed state has" for sector in bad]
 
+    def flushed(self) -> None:
+        """A flush outside any batch succeeded (a close, which promises a
+        durable image): what a read may return now survives a power cut."""
+        for sector, values in enumerate(self.current):
+            self.durable[sector] = set(values)
+
     def settle(self, content: bytes) -> None:
         """Content known to be on disk now (after a verified reopen) becomes the model."""
         for sector in range(len(self.current)):

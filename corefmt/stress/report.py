@@ -57,6 +57,10 @@ def replay_command(config: StressConfig, seed: int) -> str:
         words.append("--no-copy-on-read")
     if not config.delays:
         words.append("--no-delays")
+    if config.real_files:
+        words.append("--real-files")  # the workload replays; the OS's interleaving may not
+    if config.direct:
+        words.append("--direct")
     return shlex.join(words)
 
 

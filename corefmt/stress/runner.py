@@ -7,6 +7,27 @@ which order they complete. Running a seed again gives the same result.
 Images are made and opened through ``corefmt.create``/``corefmt.open``, so
 any installed format (and any format as the base of a chain) is tested
 the same way.
+
+Besides the workload, a seed fails or cuts the phases around it: one
+create (of the image under test or of a lower layer, on a disk of its
+own), the close, and the first reopen. What the checker can demand of
+them: an interrupted create leaves an image that either opens, with the
+size asked for (or, for a format whose image is its file, the file's
+size) and the content of a new image (zeros, or its backing's), or is
+refused with a one-line ``CorefmtError``; a create or open whose storage
+failed a request fails itself; an open cut short changes nothing that a
+later open sees. A close flushes: once it has succeeded, a power cut
+keeps everything.
+
+The power goes for the whole machine: every disk the seed uses loses its
+unflushed writes at once. Only the image under test and its data files
+are written; lower layers are opened read-only (copy-on-read fills the
+top image), so for them a power cut must change nothing, which is checked.
+
+``real_files`` runs the same workload and model on files (the ``file``
+storage, buffered or O_DIRECT) with threads the OS schedules: the
+concurrency part only, with no injected errors or power cuts, and a seed
+replays the workload but not the interleaving.
 """
 
 from __future__ import annotations
@@ -14,7 +35,10 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import itertools
+import os
 import random
+import shutil
+import tempfile
 from collections.abc import Callable, Iterable
 
 import attrs
@@ -24,10 +48,17 @@ from corefmt import plugins
 from corefmt.block.node import BlockNode
 from corefmt.block.queue import RequestQueue
 from corefmt.driver import has_capability
-from corefmt.errors import CorefmtError
+from corefmt.errors import CorefmtError, OptionError
 from corefmt.storage.simulated import SimDisk, SimStorageDriver, request_tag
 from corefmt.stress.defaults import DEFAULT_OPERATIONS, DEFAULT_SIZE
-from corefmt.stress.faults import FaultPlan, plan_faults
+from corefmt.stress.faults import (
+    CREATE_STREAM,
+    CREATE_TAG,
+    FaultPlan,
+    plan_create,
+    plan_faults,
+    plan_reopen,
+)
 from corefmt.stress.model import MAX_MESSAGES, ImageModel, Outcome
 from corefmt.stress.qemu_check import applies_to, qemu_check
 from corefmt.stress.report import StressSummary
@@ -51,6 +82,10 @@ BASE_EXTENT_MAX = 64 * 1024
 PROBE_WRITE_MAX = 8192
 #: Names the scheduler's random stream, apart from the workload's (same seed).
 SCHEDULE_STREAM = "schedule"
+#: The tag of the whole-image read after the workload (never planned to fail).
+CHECK_TAG = -3
+#: How long a batch on real files may take before the run calls it a hang.
+REAL_BATCH_SECONDS = 120.0
 
 
 @attrs.frozen
@@ -69,6 +104,10 @@ class StressConfig:
     delays: bool = True
     #: ``-o`` create options of the image under test (not of the base).
     options: str = ""
+    #: Run on real files (no faults, OS-scheduled threads) instead of ``sim:``.
+    real_files: bool = False
+    #: With ``real_files``: open the images with O_DIRECT.
+    direct: bool = False
 
 
 @attrs.define
@@ -97,14 +136,16 @@ def _sim_driver() -> SimStorageDriver:
     return driver
 
 
-def _run_op(node: BlockNode, op: Op, plan: FaultPlan, disk: SimDisk,
-            scheduler: BatchScheduler) -> Outcome:
+def _run_op(node: BlockNode, op: Op, injected: Callable[[int, bool], bool],
+            scheduler: BatchScheduler | None) -> Outcome:
     """Run one request on a queue worker, in the scheduler's turns; report, never raise."""
+    if scheduler is None:
+        return _outcome(node, op, injected)
     with scheduler.task(op.tag):  # the outcome is judged in turn too
-        return _outcome(node, op, plan, disk)
+        return _outcome(node, op, injected)
 
 
-def _outcome(node: BlockNode, op: Op, plan: FaultPlan, disk: SimDisk) -> Outcome:
+def _outcome(node: BlockNode, op: Op, injected: Callable[[int, bool], bool]) -> Outcome:
     data: bytes | None = None
     try:
         with request_tag(op.tag):
@@ -120,9 +161,12 @@ def _outcome(node: BlockNode, op: Op, plan: FaultPlan, disk: SimDisk) -> Outcome
             elif op.kind == FLUSH:
                 node.flush()
     except Exception as error:  # every failure is judged by the model
-        return Outcome(False, f"{type(error).__name__}: {error}",
-                       injected=plan.was_fired(op.tag) or disk.dead)
-    return Outcome(True, data=data, injected=plan.was_fired(op.tag))
+        return Outcome(False, _describe(error), injected=injected(op.tag, True))
+    return Outcome(True, data=data, injected=injected(op.tag, False))
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
 
 
 def base_formats(config: StressConfig) -> list[str]:
@@ -130,10 +174,10 @@ def base_formats(config: StressConfig) -> list[str]:
     return [name.strip() for name in config.base.split(",")] if config.base else []
 
 
-def _fill_base(rng: random.Random, path: str, format: str, size: int) -> bytes:
+def _fill_base(rng: random.Random, path: str, format: str, size: int, direct: bool) -> bytes:
     """Random data in a few extents of a base layer; returns what the chain
     down from it holds (each layer of a deeper chain adds its own extents)."""
-    with corefmt.open(path, format) as base:
+    with corefmt.open(path, format, direct=direct) as base:
         content = bytearray(base.read(0, size))
         for _ in range(BASE_EXTENTS):
             length = rng.randint(1, min(BASE_EXTENT_MAX, size))
@@ -150,7 +194,7 @@ def _unused_prefix(sim: SimStorageDriver, prefix: str) -> str:
     so they must not change from one replay to the next."""
     for number in itertools.count(1):
         candidate = prefix if number == 1 else f"{prefix}.{number}"
-        if not sim.exists(f"{candidate}-top"):
+        if not sim.names(f"{candidate}-"):
             return candidate
     raise AssertionError("unreachable")
 
@@ -160,24 +204,54 @@ class _SeedRun:
 
     def __init__(self, config: StressConfig, seed: int):
         self.config = config
+        self.seed = seed
         self.rng = random.Random(seed)
         self.result = SeedResult(seed)
         self.sim = _sim_driver()
-        prefix = _unused_prefix(self.sim, f"sim:stress-{seed}")
-        self.top_path = f"{prefix}-top"
+        self.folder: str | None = None
+        if config.real_files:
+            self.folder = tempfile.mkdtemp(prefix=f"corefmt-stress-{seed}-")
+            self.prefix = os.path.join(self.folder, f"stress-{seed}")
+        else:
+            self.prefix = _unused_prefix(self.sim, f"sim:stress-{seed}")
+        self.top_path = f"{self.prefix}-top"
         self.base_formats = base_formats(config)
-        self.base_paths = [f"{prefix}-base{depth}" for depth in range(len(self.base_formats))]
+        self.base_paths = [f"{self.prefix}-base{depth}"
+                           for depth in range(len(self.base_formats))]
+        #: What each lower layer's disk held when the workload started.
+        self.lower_content: dict[str, bytes] = {}
 
-    @property
-    def paths(self) -> list[str]:
-        return [self.top_path, *self.base_paths]
+    # -- disks ------------------------------------------------------------------------
+    def _disks(self) -> list[SimDisk]:
+        """Every simulated disk of this seed (images, their data files)."""
+        if self.config.real_files:
+            return []
+        return [self.sim.disk(name) for name in self.sim.names(f"{self.prefix}-")]
 
+    def _injected(self, tag: int, failed: bool) -> bool:
+        """Whether the storage failed a request of ``tag`` on purpose (or lost power)."""
+        disks = self._disks()
+        if any(tag in disk.injected_tags for disk in disks):
+            return True
+        return failed and any(disk.dead for disk in disks)
+
+    def _open(self, path: str, format: str, **options: bool) -> BlockNode:
+        return corefmt.open(path, format, direct=self.config.direct, **options)
+
+    # -- the run ----------------------------------------------------------------------
     def run(self) -> SeedResult:
         try:
             self._run()
+        except Exception as error:  # anything the code under test raises is a failure
+            self.result.check_failures.append(f"the run stopped: {_describe(error)}")
         finally:
-            for path in self.paths:
-                self.sim.forget(path)
+            if self.folder is not None:
+                shutil.rmtree(self.folder, ignore_errors=True)
+            else:
+                disks = self._disks()  # errors of the phases after the workload count too
+                self.result.errors_injected = sum(disk.errors_injected for disk in disks)
+                for disk in disks:
+                    self.sim.forget(disk.name)
         return self.result
 
     def _problem(self, messages: list[str]) -> None:
@@ -186,47 +260,58 @@ class _SeedRun:
         room = max(MAX_MESSAGES - len(result.mismatches), 0)
         result.mismatches.extend(messages[:room])
 
+    def _failure(self, message: str) -> None:
+        self.result.check_failures.append(message)
+
     def _run(self) -> None:
         config, rng = self.config, self.rng
-        initial = self._create_images()
-        top = self.sim.disk(self.top_path)
+        initial, contents = self._create_images()
         model = ImageModel(initial)
-        with corefmt.open(self.top_path, config.format, read_only=True, backing=False) as probe:
+        with self._open(self.top_path, config.format, read_only=True, backing=False) as probe:
             granularity = probe.limits.copy_granularity
         batches = generate(rng, config.size, config.operations, granularity)
         count = sum(len(batch) for batch in batches)
-        plan = plan_faults(rng, self.result.seed, count, errors=config.errors,
+        plan = plan_faults(rng, self.seed, count, errors=config.errors,
                            crash_disk=self.top_path if config.crash else None)
-        scheduler = BatchScheduler(random.Random(f"{self.result.seed}:{SCHEDULE_STREAM}"),
-                                   reorder=config.delays)
-        disks = [self.sim.disk(path) for path in self.paths]
+        self._interrupted_create(contents)
+        disks = self._disks()
+        plan.machine = disks
+        scheduler = None
+        if not config.real_files:
+            scheduler = BatchScheduler(random.Random(f"{self.seed}:{SCHEDULE_STREAM}"),
+                                       reorder=config.delays)
         for disk in disks:
             disk.policy = plan
-            disk.gate = scheduler.hold
-        node = corefmt.open(self.top_path, config.format,
-                            copy_on_read=config.copy_on_read and config.base is not None)
+            disk.gate = scheduler.hold if scheduler is not None else None
+        node = self._open(self.top_path, config.format,
+                          copy_on_read=config.copy_on_read and config.base is not None)
         try:
-            self._workload(node, model, batches, plan, top, scheduler)
+            self._workload(node, model, batches, scheduler)
         finally:
             for disk in disks:
-                disk.policy = None
                 disk.gate = None
-            self.result.errors_injected = sum(disk.errors_injected for disk in disks)
-            if config.crash:
-                top.power_cut(random.Random(plan.crash_seed))  # no-op if it already happened
-            with contextlib.suppress(Exception):  # a dead disk may refuse the close
-                node.close()
+            if config.crash and plan.crash_tag != count:
+                plan.cut_machine()  # the power goes before the close
+            self._close(node, model, count)
+            for disk in disks:
+                disk.policy = None
         if config.crash:
+            plan.cut_machine()  # no-op if it already happened
             self.result.crashed = True
-            top.restore(top.crash_image or b"")
-            self._verify_reopen(model, durable=True)
+            self._check_lower_layers(crashed=True)
+            for disk in disks:
+                disk.restore(disk.crash_image or b"")
         else:
-            self._verify_reopen(model, durable=False)
+            self._check_lower_layers(crashed=False)
+        self._verify_reopen(model, durable=config.crash, tag=count + 1)
 
-    def _create_images(self) -> bytes:
+    def _create_images(self) -> tuple[bytes, list[bytes]]:
+        """Create the chain; returns what the top image shows and what the
+        chain down from each lower layer holds."""
         config, rng = self.config, self.rng
         alignment = rng.choice(ALIGNMENTS)
         initial = bytes(config.size)
+        contents: list[bytes] = []
         below: tuple[str, str] | None = None  # (path, format) of the layer below
         for path, format in zip(self.base_paths, self.base_formats, strict=True):
             if below is None:
@@ -234,43 +319,59 @@ class _SeedRun:
             else:
                 corefmt.create(path, format, config.size, backing=below[0],
                                backing_format=below[1])
-            self.sim.disk(path).alignment = alignment
-            initial = _fill_base(rng, path, format, config.size)
+            if not config.real_files:
+                self.sim.disk(path).alignment = alignment
+            initial = _fill_base(rng, path, format, config.size, config.direct)
+            contents.append(initial)
             below = (path, format)
         if below is not None:
             corefmt.create(self.top_path, config.format, config.size, options=config.options,
                            backing=below[0], backing_format=below[1])
         else:
             corefmt.create(self.top_path, config.format, config.size, options=config.options)
-        for path in self.paths:
-            disk = self.sim.disk(path)
+        for disk in self._disks():
             disk.sync()  # a finished create is durable; the test starts here
             disk.alignment = alignment
-        return initial
+        for path in self.base_paths:
+            if not config.real_files:
+                self.lower_content[path] = bytes(self.sim.disk(path).current)
+        return initial, contents
 
     def _workload(self, node: BlockNode, model: ImageModel, batches: list[list[Op]],
-                  plan: FaultPlan, top: SimDisk, scheduler: BatchScheduler) -> None:
+                  scheduler: BatchScheduler | None) -> None:
         # One worker per request of a batch: the scheduler starts a batch only
         # once all of its requests have arrived.
         with RequestQueue(depth=MAX_BATCH, name="corefmt-stress") as queue:
             for batch in batches:
-                scheduler.begin(op.tag for op in batch)
-                futures = [queue.submit(_run_op, node, op, plan, top, scheduler)
+                if scheduler is not None:
+                    scheduler.begin(op.tag for op in batch)
+                futures = [queue.submit(_run_op, node, op, self._injected, scheduler)
                            for op in batch]
                 self._await(futures, scheduler)
                 outcomes = [future.result() for future in futures]
                 self.result.operations += len(batch)
                 self._problem(model.apply_batch(batch, outcomes))
-                if top.dead:
+                if any(disk.dead for disk in self._disks()):
                     return
-        if not self.config.crash:
-            self._problem(model.check_current(node.read(0, self.config.size),
-                                              "after the workload"))
-            node.flush()
+        if self.config.crash:
+            return
+        try:
+            with request_tag(CHECK_TAG):  # copy-on-read may write, and so fail
+                content = node.read(0, self.config.size)
+        except CorefmtError as error:
+            if not self._injected(CHECK_TAG, True):
+                self._problem([f"after the workload: reading the image failed: {error}"])
+            return
+        self._problem(model.check_current(content, "after the workload"))
 
     def _await(self, futures: list[concurrent.futures.Future[Outcome]],
-               scheduler: BatchScheduler) -> None:
+               scheduler: BatchScheduler | None) -> None:
         """Wait for a batch; if no turn is handed over for a while, unstick it."""
+        if scheduler is None:
+            _, pending = concurrent.futures.wait(futures, timeout=REAL_BATCH_SECONDS)
+            if pending:
+                raise CorefmtError(f"a batch did not finish in {REAL_BATCH_SECONDS:.0f} s")
+            return
         progress = scheduler.handovers
         while True:
             _, pending = concurrent.futures.wait(futures, timeout=STALL_SECONDS)
@@ -280,20 +381,149 @@ class _SeedRun:
                 self.result.stalls += 1
             progress = scheduler.handovers
 
-    def _verify_reopen(self, model: ImageModel, durable: bool) -> None:
+    def _close(self, node: BlockNode, model: ImageModel, tag: int) -> None:
+        """Close under the fault plan: a close writes (metadata, dirty flags) and
+        flushes, so once it succeeds a power cut must keep everything."""
+        try:
+            with request_tag(tag):
+                node.close()
+        except Exception as error:
+            if not self._injected(tag, True):
+                self._problem([f"closing the image failed without an injected error: "
+                               f"{_describe(error)}"])
+            return
+        if not any(disk.dead for disk in self._disks()):
+            model.flushed()
+
+    def _check_lower_layers(self, crashed: bool) -> None:
+        """Lower layers are read-only: nothing may change them, power or not."""
+        for path, before in self.lower_content.items():
+            disk = self.sim.disk(path)
+            after = disk.crash_image if crashed else disk.current
+            if after is not None and bytes(after) != before:
+                self._failure(f"the lower layer {path} changed although it is read-only")
+
+    # -- interrupted create -------------------------------------------------------------
+    def _interrupted_create(self, contents: list[bytes]) -> None:
+        """Fail or cut one create (of a seed-chosen layer) and judge what it left."""
+        config = self.config
+        if config.real_files or not (config.crash or config.errors):
+            return
+        layers = [*self.base_formats, config.format]
+        depth = random.Random(f"{self.seed}:{CREATE_STREAM}:layer").randrange(len(layers))
+        format = layers[depth]
+        options = config.options if depth == len(layers) - 1 else ""
+        backing = {"backing": self.base_paths[depth - 1],
+                   "backing_format": layers[depth - 1]} if depth else {}
+        expected = contents[depth - 1] if depth else bytes(config.size)
+        path = f"{self.prefix}-create"
+        what = f"after an interrupted create of {format}"
+        counted: list[int] = []
+        self.sim.create(path)
+        disk = self.sim.disk(path)
+        disk.policy = lambda request: counted.append(1) if request.tag == CREATE_TAG else None
+        with request_tag(CREATE_TAG):
+            corefmt.create(path, format, config.size, options=options, **backing)
+        plan = plan_create(self.seed, len(counted), path, cut=config.crash,
+                           error=config.errors)
+        plan.machine = [disk]
+        disk.policy = plan
+        created = False
+        try:
+            with request_tag(CREATE_TAG):
+                corefmt.create(path, format, config.size, options=options, **backing)
+            created = True
+        except CorefmtError:
+            pass
+        except Exception as error:
+            self._failure(f"{what}: create raised {_describe(error)}, not a clear error")
+            return
+        finally:
+            disk.policy = None
+        if created and CREATE_TAG in disk.injected_tags:
+            self._failure(f"{what}: create succeeded although the storage failed it")
+        if disk.dead:
+            disk.restore(disk.crash_image or b"")
+        self._judge_created(path, format, expected, what)
+        for name in self.sim.names(path):  # with its data files
+            self.sim.forget(name)
+
+    def _judge_created(self, path: str, format: str, expected: bytes, what: str) -> None:
+        try:
+            node = corefmt.open(path, format)
+        except CorefmtError as error:
+            if "\n" in str(error):
+                self._failure(f"{what}: the refusal is not one line: {error!r}")
+            return  # refused clearly: fine
+        except Exception as error:
+            self._failure(f"{what}: open raised {_describe(error)}, not a clear error")
+            return
+        try:
+            with node:
+                size = node.virtual_size
+                storage_size = node.layer().storage.size()  # type: ignore[attr-defined]
+                if size not in (self.config.size, storage_size):
+                    self._failure(f"{what}: it opens with virtual size {size}, "
+                                  f"not {self.config.size}")
+                    return
+                shown = node.read(0, min(size, self.config.size))
+                if shown != expected[:len(shown)]:
+                    self._failure(f"{what}: it opens and shows data a new image does not have")
+                self._check_image(node, what)
+        except Exception as error:
+            self._failure(f"{what}: {_describe(error)}")
+
+    # -- reopening ----------------------------------------------------------------------
+    def _faulted_open(self, plan: FaultPlan, tag: int, what: str) -> None:
+        """An open that fails or loses power at one of its first requests:
+        it must fail, and (judged by the open after it) change nothing."""
+        disks = self._disks()
+        plan.machine = disks
+        for disk in disks:
+            disk.policy = plan
+        node: BlockNode | None = None
+        try:
+            with request_tag(tag):
+                node = self._open(self.top_path, self.config.format)
+        except CorefmtError:
+            pass
+        except Exception as error:
+            self._failure(f"{what}: an interrupted open raised {_describe(error)}, "
+                          "not a clear error")
+        finally:
+            for disk in disks:
+                disk.policy = None
+        if node is not None:
+            if self._injected(tag, False) or any(disk.dead for disk in disks):
+                self._failure(f"{what}: the image opened although the storage failed "
+                              "one of the open's requests")
+            with contextlib.suppress(Exception):
+                node.close()
+        for disk in disks:
+            if disk.dead:
+                disk.restore(disk.crash_image or b"")
+
+    def _verify_reopen(self, model: ImageModel, durable: bool, tag: int) -> None:
         """Reopen the top image: it opens, holds what it must, checks clean, works."""
         what = "after the power cut" if durable else "after reopening"
+        if not self.config.real_files:
+            plan = plan_reopen(self.seed, tag, self.top_path, cut=durable,
+                               error=self.config.errors)
+            if plan is not None:
+                self._faulted_open(plan, tag, f"{what}, then a faulted open")
         try:
-            node = corefmt.open(self.top_path, self.config.format)
+            node = self._open(self.top_path, self.config.format)
         except CorefmtError as error:
             self._problem([f"{what}: the image does not open: {error}"])
             return
-        with node:
-            content = node.read(0, self.config.size)
-            checked = model.check_durable if durable else model.check_current
-            self._problem(checked(content, what))
-            self._check_image(node, what)
-            self._probe_write(node, content, what)
+        except Exception as error:
+            self._failure(f"{what}: opening raised {_describe(error)}")
+            return
+        try:
+            with node:
+                self._verify_node(node, model, durable, what)
+        except Exception as error:  # a driver error is this seed's failure, not the run's
+            self._failure(f"{what}: {_describe(error)}")
         if durable and applies_to(self.config.format):
             # The reference implementation must agree the image is consistent.
             disk = self.sim.disk(self.top_path)
@@ -301,15 +531,27 @@ class _SeedRun:
                 image_bytes = bytes(disk.current)
             problem = qemu_check(self.config.format, image_bytes)
             if problem:
-                self.result.check_failures.append(f"{what}: {problem}")
+                self._failure(f"{what}: {problem}")
+
+    def _verify_node(self, node: BlockNode, model: ImageModel, durable: bool,
+                     what: str) -> None:
+        size = node.virtual_size
+        if size != model.size:
+            self._problem([f"{what}: the virtual size is {size} bytes, expected {model.size}"])
+            return
+        content = node.read(0, model.size)
+        checked = model.check_durable if durable else model.check_current
+        self._problem(checked(content, what))
+        self._check_image(node, what)
+        self._probe_write(node, content, what)
 
     def _check_image(self, node: BlockNode, what: str) -> None:
-        image = node.image
+        image = getattr(node.layer(), "image", None)
         if image is None or not has_capability(image, "check"):
             return
-        found = image.check(False)  # type: ignore[attr-defined]
+        found = image.check(False)
         if not found.clean:
-            self.result.check_failures.append(
+            self._failure(
                 f"{what}: check found {found.corruptions} corruptions, "
                 f"{found.check_errors} errors: {'; '.join(found.messages[:3])}")
 
@@ -330,8 +572,18 @@ class _SeedRun:
             self._problem([f"{what}: write {offset}+{length} did not read back exactly"])
 
 
+def check_config(config: StressConfig) -> None:
+    """Refuse combinations the runner cannot honour."""
+    if config.real_files and (config.crash or config.errors):
+        raise OptionError("--real-files runs the concurrency part only: "
+                          "no --crash or --errors (they need simulated storage)")
+    if config.direct and not config.real_files:
+        raise OptionError("--direct applies to --real-files")
+
+
 def run_seed(config: StressConfig, seed: int) -> SeedResult:
     """Run one seed; never raises for what the image does (that is a mismatch)."""
+    check_config(config)
     return _SeedRun(config, seed).run()
 
 

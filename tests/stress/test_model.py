@@ -51,3 +51,17 @@ def test_flush_makes_writes_durable_and_discard_allows_the_backing():
     assert model.check_current(below, "now") == []
     assert model.check_current(bytes(SIZE), "now") == []
     assert model.check_current(b"x" * SIZE, "now") != []
+
+
+def test_a_failed_flush_may_have_kept_or_lost_unflushed_writes_but_not_flushed_ones():
+    """A failed flush may drop the dirty data (Linux's fsync): the writes
+    since the last good flush may be old or new, the flushed ones stay."""
+    old, new = b"o" * SECTOR_SIZE, b"n" * SECTOR_SIZE
+    model = ImageModel(old * 2)
+    model.apply_batch([Op(0, WRITE, 0, SECTOR_SIZE, new)], [Outcome(True)])
+    model.apply_batch([Op(1, FLUSH)], [Outcome(True)])
+    model.apply_batch([Op(2, WRITE, SECTOR_SIZE, SECTOR_SIZE, new)], [Outcome(True)])
+    assert model.apply_batch([Op(3, FLUSH)], [Outcome(False, "EIO", injected=True)]) == []
+    assert model.check_durable(new + old, "dropped") == []
+    assert model.check_durable(new + new, "kept") == []
+    assert model.check_durable(old + new, "lost a flushed write") != []
