@@ -17,16 +17,23 @@ ENTRY_POINTS = "[corefmt]\nblockmap = corefmt_blockmap.plugin\n"
 METADATA = "Metadata-Version: 2.1\nName: corefmt-blockmap-test\nVersion: 0.1\n"
 
 
-def install_outside_plugin(site: Path) -> Path:
-    """Lay out the test plugin in ``site`` as an installed distribution
+def install_distribution(site: Path, package_dir: Path, dist_info: str, metadata: str,
+                         entry_points: str) -> Path:
+    """Lay out a test plugin in ``site`` as an installed distribution
     (package + .dist-info with entry_points.txt), as pip would."""
-    shutil.copytree(OUTSIDE_PLUGIN_SOURCE / "corefmt_blockmap", site / "corefmt_blockmap",
+    shutil.copytree(package_dir, site / package_dir.name,
                     ignore=shutil.ignore_patterns("__pycache__"))
-    info = site / "corefmt_blockmap_test-0.1.dist-info"
+    info = site / dist_info
     info.mkdir()
-    (info / "METADATA").write_text(METADATA)
-    (info / "entry_points.txt").write_text(ENTRY_POINTS)
+    (info / "METADATA").write_text(metadata)
+    (info / "entry_points.txt").write_text(entry_points)
     return site
+
+
+def install_outside_plugin(site: Path) -> Path:
+    """The blockmap test plugin, installed in ``site``."""
+    return install_distribution(site, OUTSIDE_PLUGIN_SOURCE / "corefmt_blockmap",
+                                "corefmt_blockmap_test-0.1.dist-info", METADATA, ENTRY_POINTS)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from corefmt import plugins
+from tests.conftest import install_distribution
 
 SOURCE = Path(__file__).parent.parent / "outside_tablemap"
 PACKAGE = "corefmt_tablemap"
@@ -23,13 +23,8 @@ BROKEN_MODULE = "tests.tablemap.broken_tablemap"
 
 
 def install_tablemap(site: Path) -> Path:
-    shutil.copytree(SOURCE / PACKAGE, site / PACKAGE,
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    info = site / "corefmt_tablemap_test-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(METADATA)
-    (info / "entry_points.txt").write_text(ENTRY_POINTS)
-    return site
+    return install_distribution(site, SOURCE / PACKAGE, "corefmt_tablemap_test-0.1.dist-info",
+                                METADATA, ENTRY_POINTS)
 
 
 @pytest.fixture(scope="session")
