@@ -438,3 +438,21 @@ def test_info_reports_the_dirty_flag_and_map_hides_compressed_offsets(tmp_path):
         compressed if offset == 0 else Extent(offset, length, True, False, host_offset=offset))
     entries = list(map_op.map_entries(node))
     assert "offset" not in entries[0] and entries[1]["offset"] == 4096
+
+
+def test_a_flush_after_a_failed_write_still_reaches_the_driver():
+    # A write that fails part-way may have stored some of its data; a flush
+    # after it must make that durable, not be skipped as idle.
+    node, image = _node()
+
+    def failing_write(offset, data, flags=RequestFlags.NONE):
+        image.data[offset:offset + 512] = bytes(data[:512])
+        raise corefmt.StorageError("memory:graph-test", "write", OSError(5, "I/O error"))
+
+    image.write = failing_write
+    with pytest.raises(corefmt.StorageError):
+        node.write(0, b"p" * 4096)
+    node.flush()
+    assert image.flushes == 1
+    node.flush()
+    assert image.flushes == 1  # nothing since: idle

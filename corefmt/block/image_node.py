@@ -405,18 +405,22 @@ class ImageNode(BlockNode):
         end = min(align_up(offset + length, granularity), self.virtual_size)
         track_start, track_end = aligned_range(start, end - start, self.request_alignment)
         written = 0
-        with self._tracker.track(track_start, track_end, exclusive=True):
-            for own in self.own_status(start, end - start):
-                if own.allocated:
-                    continue  # a guest write landed meanwhile: it wins
-                fill = self._fill_data(own.offset, own.length, offset, data)
-                if fill.count(0) == len(fill) and supports(self._image, "write_zeroes"):
-                    self._zero_with_driver(own.offset, own.length, _FILL)
-                else:
-                    self._write_aligned(own.offset, memoryview(fill), _FILL)
-                written += own.length
-        if written:
-            self._changed()
+        attempted = False
+        try:
+            with self._tracker.track(track_start, track_end, exclusive=True):
+                for own in self.own_status(start, end - start):
+                    if own.allocated:
+                        continue  # a guest write landed meanwhile: it wins
+                    fill = self._fill_data(own.offset, own.length, offset, data)
+                    attempted = True
+                    if fill.count(0) == len(fill) and supports(self._image, "write_zeroes"):
+                        self._zero_with_driver(own.offset, own.length, _FILL)
+                    else:
+                        self._write_aligned(own.offset, memoryview(fill), _FILL)
+                    written += own.length
+        finally:
+            if attempted:
+                self._changed()
         return written
 
     def _fill_data(self, start: int, length: int, offset: int,
@@ -452,9 +456,11 @@ class ImageNode(BlockNode):
                                f"{self.format_name} format")
         self._observe("write", offset, len(view))
         start, end = aligned_range(offset, len(view), self.request_alignment)
-        with self._tracker.track(start, end, exclusive=True):
-            self._write_aligned(offset, view, flags)
-        self._changed()
+        try:
+            with self._tracker.track(start, end, exclusive=True):
+                self._write_aligned(offset, view, flags)
+        finally:
+            self._changed()  # a failed write may have written part: flush it too
 
     def _write_aligned(self, offset: int, view: memoryview, flags: int) -> None:
         write_unaligned(offset, view, self.request_alignment, self._read_untracked,
@@ -494,9 +500,11 @@ class ImageNode(BlockNode):
             flags |= _MAY_UNMAP
         self._observe("write_zeroes", offset, length)
         start, end = aligned_range(offset, length, self.request_alignment)
-        with self._tracker.track(start, end, exclusive=True):
-            self._zero_with_driver(offset, length, flags)
-        self._changed()
+        try:
+            with self._tracker.track(start, end, exclusive=True):
+                self._zero_with_driver(offset, length, flags)
+        finally:
+            self._changed()
 
     def _zero_with_driver(self, offset: int, length: int, flags: int) -> None:
         alignment = max(self._limits.zeroes_alignment, self.request_alignment)
@@ -558,13 +566,15 @@ class ImageNode(BlockNode):
         if inner_end <= inner_start:
             return
         step = self._limits.max_transfer or (inner_end - inner_start)
-        with self._tracker.track(inner_start, inner_end, exclusive=True):
-            try:
-                for position in range(inner_start, inner_end, step):
-                    self._image.discard(position, min(step, inner_end - position))
-            except NotSupported:
-                pass  # discard is a hint: declining it loses nothing
-        self._changed()
+        try:
+            with self._tracker.track(inner_start, inner_end, exclusive=True):
+                try:
+                    for position in range(inner_start, inner_end, step):
+                        self._image.discard(position, min(step, inner_end - position))
+                except NotSupported:
+                    pass  # discard is a hint: declining it loses nothing
+        finally:
+            self._changed()
 
     def _changed(self) -> None:
         """A request changed the image: status above is stale, a flush is due."""
@@ -590,9 +600,11 @@ class ImageNode(BlockNode):
             raise RangeError(f"{self.filename}: size must not be negative")
         if not supports(self._image, "truncate"):
             raise CorefmtError(f"{self.filename}: format {self.format_name} cannot be resized")
-        with self._tracker.track(0, max(size, self.virtual_size) + 1, exclusive=True):
-            self._image.truncate(size)
-        self._changed()
+        try:
+            with self._tracker.track(0, max(size, self.virtual_size) + 1, exclusive=True):
+                self._image.truncate(size)
+        finally:
+            self._changed()
 
     # -- lifetime -------------------------------------------------------------------
     def _release(self) -> None:
