@@ -286,3 +286,26 @@ def test_a_read_past_the_end_zeroes_the_rest_of_a_reused_buffer(tmp_path, direct
     storage.readinto(10 * BLOCK, buffer)  # wholly past the end
     assert buffer == bytes(3 * BLOCK)
     storage.close()
+
+
+def test_after_a_failed_flush_every_flush_fails(tmp_path, monkeypatch):
+    import errno as errno_module
+    import os as os_module
+
+    from corefmt.errors import StorageError
+    from corefmt.storage.file import FileStorageDriver
+
+    storage = FileStorageDriver().create(str(tmp_path / "f"))
+    storage.write(0, b"x" * 512)
+    real = os_module.fdatasync
+
+    def failing(fd):
+        raise OSError(errno_module.EIO, "Input/output error")
+
+    monkeypatch.setattr(os_module, "fdatasync", failing)
+    with pytest.raises(StorageError):
+        storage.flush()
+    monkeypatch.setattr(os_module, "fdatasync", real)  # the disk "recovers"...
+    with pytest.raises(StorageError, match="earlier flush failed"):
+        storage.flush()  # ...but the dropped pages are not coming back
+    storage.close()

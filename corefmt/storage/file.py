@@ -99,6 +99,7 @@ class FileStorage(Storage):
         #: end, O_DIRECT read-modify-write): a growth never cuts off what
         #: another thread wrote beyond it.
         self._resize_lock = sync.RLock()  # visible to the stress scheduler
+        self._flush_failed = False
         info = self._stat()
         #: A regular file; anything else (a block device) has a fixed size.
         self.regular = stat.S_ISREG(info.st_mode)
@@ -287,11 +288,18 @@ class FileStorage(Storage):
             return current
 
     def flush(self) -> None:
+        """fdatasync. After one fails, Linux may have dropped the dirty pages
+        and a later fdatasync would succeed without them: every later flush
+        of this open fails too (as qemu's file driver does)."""
         if self.read_only:
             return
+        if self._flush_failed:
+            raise self._error("flush", OSError(errno.EIO, "an earlier flush failed, data "
+                                                          "may have been lost"))
         try:
             os.fdatasync(self.fd)
         except OSError as error:
+            self._flush_failed = True
             raise self._error("flush", error) from error
 
     def _fallocate(self, mode: int, offset: int, length: int) -> bool:
