@@ -123,9 +123,9 @@ def test_a_core_event_without_once_fails_every_time(image, event):
     node = debugged(image, {"event": event})
     for _ in range(3):
         fails_with(errno.EIO, lambda: request(node))
-    if event == "flush_to_disk":
-        # close flushes what the failed flushes left unflushed: the rule fails
-        # that flush too, and close says so after releasing everything
+    if event in ("flush_to_disk", "write_aio"):
+        # close flushes what failed writes and flushes may have left unflushed:
+        # the rule fails that flush too, and close says so after releasing all
         fails_with(errno.EIO, node.close)
         assert node.closed
     else:
@@ -145,15 +145,17 @@ def test_a_core_event_injects_enospc(image, event):
                                             (True, errno.ENOSPC)])
 def test_an_event_the_driver_emits_injects(image, event_format, once, code):
     rule = {"event": DRIVER_EVENT, "errno": code, "once": once}
-    with debugged(image, rule, format=event_format) as node:
-        node.read(0, SECTOR)  # reads emit no l2_update: nothing is active yet
-        fails_with(code, lambda: node.write(0, b"a" * SECTOR))
-        if once:
-            node.write(0, b"b" * SECTOR)
-            assert node.read(0, SECTOR) == b"b" * SECTOR
-        else:
-            fails_with(code, lambda: node.write(0, b"b" * SECTOR))
-            fails_with(code, lambda: node.read(0, SECTOR))  # active rules match any I/O
+    node = debugged(image, rule, format=event_format)
+    node.read(0, SECTOR)  # reads emit no l2_update: nothing is active yet
+    fails_with(code, lambda: node.write(0, b"a" * SECTOR))
+    if once:
+        node.write(0, b"b" * SECTOR)
+        assert node.read(0, SECTOR) == b"b" * SECTOR
+        node.close()
+    else:
+        fails_with(code, lambda: node.write(0, b"b" * SECTOR))
+        fails_with(code, lambda: node.read(0, SECTOR))  # active rules match any I/O
+        fails_with(code, node.close)  # so does the flush of what the writes left
 
 
 def test_an_event_emitted_on_the_node_injects(image):
@@ -168,7 +170,7 @@ def test_an_event_emitted_on_the_node_injects(image):
 def test_an_event_replaces_the_active_rules_only_if_it_has_some(image):
     rules = ({"event": "write_aio", "errno": errno.ENOSPC},
              {"event": "read_aio", "once": True})
-    with debugged(image, *rules) as node:
+    with close_fails(debugged(image, *rules)) as node:
         fails_with(errno.ENOSPC, lambda: node.write(0, b"x" * SECTOR))
         fails_with(errno.EIO, lambda: node.read(0, SECTOR))  # read_aio's rule replaced it
         node.read(0, SECTOR)  # once: gone; read_aio has no rules left, nothing is active
