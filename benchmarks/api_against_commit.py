@@ -34,7 +34,8 @@ import json, os, random, sys, time
 import corefmt
 from corefmt.ops.convert import convert
 
-work, ops, image_size, convert_size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+work = sys.argv[1]
+ops, image_size, convert_size = (int(word) for word in sys.argv[2:5])
 block = 4096
 path = os.path.join(work, "io.raw")
 corefmt.create(path, "raw", image_size)

@@ -89,9 +89,11 @@ class FilterDriver:
     child_key: str = "file"
     #: Further node children the filter needs, by key (blkverify: ``raw``).
     extra_children: tuple[str, ...] = ()
+    #: The Filter class ``open`` makes (override ``open`` for anything else).
+    filter_class: type[Filter] = Filter
 
     def open(self, child: BlockNode, options: Any, context: FilterContext) -> Filter:
-        return Filter(child, options, context)
+        return self.filter_class(child, options, context)
 
 
 class StorageFilterDriver:

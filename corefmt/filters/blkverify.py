@@ -141,6 +141,4 @@ class BlkverifyDriver(FilterDriver):
     name = "blkverify"
     child_key = CHILD_TEST
     extra_children = (CHILD_RAW,)
-
-    def open(self, child: BlockNode, options: Any, context: FilterContext) -> BlkverifyFilter:
-        return BlkverifyFilter(child, options, context)
+    filter_class = BlkverifyFilter

@@ -126,7 +126,4 @@ class CopyOnReadDriver(FilterDriver):
     name = "copy-on-read"
     open_options = CopyOnReadOptions
     child_key = "file"
-
-    def open(self, child: BlockNode, options: CopyOnReadOptions,
-             context: FilterContext) -> CopyOnReadFilter:
-        return CopyOnReadFilter(child, options, context)
+    filter_class = CopyOnReadFilter

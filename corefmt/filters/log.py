@@ -127,6 +127,4 @@ class LogDriver(FilterDriver):
     name = "log"
     open_options = LogOptions
     child_key = "file"
-
-    def open(self, child: BlockNode, options: LogOptions, context: FilterContext) -> LogFilter:
-        return LogFilter(child, options, context)
+    filter_class = LogFilter

@@ -166,7 +166,4 @@ class ThrottleDriver(FilterDriver):
     name = "throttle"
     open_options = ThrottleOptions
     child_key = "file"
-
-    def open(self, child: BlockNode, options: ThrottleOptions,
-             context: FilterContext) -> ThrottleFilter:
-        return ThrottleFilter(child, options, context)
+    filter_class = ThrottleFilter
