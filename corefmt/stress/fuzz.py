@@ -43,7 +43,8 @@ from corefmt import plugins
 from corefmt.block.align import align_down, align_up
 from corefmt.block.chain import open_chain
 from corefmt.block.node import BlockNode
-from corefmt.driver import CheckResult, FormatDriver, has_capability
+from corefmt.capabilities import CheckFix, call_check
+from corefmt.driver import CheckResult, FormatDriver, supports
 from corefmt.errors import CorefmtError
 from corefmt.ops.create import create
 from corefmt.registry import PROBE_HEAD_SIZE, Registry
@@ -844,9 +845,10 @@ class _CaseRun:
 
     def check(self, node: BlockNode, repair: bool) -> None:
         image = node.image
-        if image is None or not has_capability(image, "check"):
+        if image is None or not supports(image, "check"):
             return
-        ok, result = self.step("check", lambda: image.check(repair))
+        fix = CheckFix.ALL if repair else CheckFix.NONE
+        ok, result = self.step("check", lambda: call_check(image, fix))
         if ok and not isinstance(result, CheckResult):
             self.fail(KIND_BAD_RESULT, f"check returned {result!r}, not a CheckResult")
 

@@ -47,7 +47,8 @@ import corefmt
 from corefmt import plugins
 from corefmt.block.node import BlockNode
 from corefmt.block.queue import RequestQueue
-from corefmt.driver import has_capability
+from corefmt.capabilities import CheckFix, call_check
+from corefmt.driver import supports
 from corefmt.errors import CorefmtError, OptionError
 from corefmt.storage.simulated import SimDisk, SimStorageDriver, request_tag
 from corefmt.stress.defaults import DEFAULT_OPERATIONS, DEFAULT_SIZE
@@ -547,9 +548,9 @@ class _SeedRun:
 
     def _check_image(self, node: BlockNode, what: str) -> None:
         image = getattr(node.layer(), "image", None)
-        if image is None or not has_capability(image, "check"):
+        if image is None or not supports(image, "check"):
             return
-        found = image.check(False)
+        found = call_check(image, CheckFix.NONE)
         if not found.clean:
             self._failure(
                 f"{what}: check found {found.corruptions} corruptions, "
