@@ -143,7 +143,7 @@ class BlockNode(abc.ABC):
         """A change here: cached status here and in every node above is stale
         (a new generation; nothing computed before it is inserted after)."""
         self.status_generation += 1
-        if not self._overlays.data:  # the top of a chain: nothing above (every write)
+        if not self._overlays:  # the top of a chain: nothing above (every write)
             return
         self.status_generation -= 1  # the walk below counts this node once
         pending: list[BlockNode] = [self]

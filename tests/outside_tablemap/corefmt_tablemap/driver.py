@@ -157,8 +157,6 @@ class _EventStorage(Storage):
         self._event_for = event_for
         self._lock = lock
         self._written = written
-        #: Offsets whose last write failed (see TableMapImage.flush).
-        self.failed: set[int] = set()
 
     def size(self) -> int:
         return self.inner.size()
@@ -170,12 +168,7 @@ class _EventStorage(Storage):
         self._check_writable()
         with self._lock:
             self._emit(self._event_for(offset))
-            try:
-                self.inner.write(offset, data)
-            except BaseException:
-                self.failed.add(offset)
-                raise
-            self.failed.discard(offset)
+            self.inner.write(offset, data)
             self._written(offset)
 
     _write = write
@@ -452,13 +445,7 @@ class TableMapImage(Image):
 
     def _flush(self) -> None:
         self.data.flush()  # overwritten blocks need no table update, only this
-        self.l2_cache.flush(storage=True)
-        # Workaround: corefmt's MetadataCache takes a write-back that another
-        # request was making, and that failed, for done once this flush waited
-        # for it (reported with a fix; tests/tablemap has an xfail test of it).
-        # Such a table is dirty again: write it, or fail this flush.
-        while self._l2_io.failed:
-            self.l2_cache.flush(storage=True)
+        self.l2_cache.flush(storage=True)  # also writes tables whose write-back failed
         # Always, even with no dirty chunk: one may be on its way to the disk in
         # another request's flush, and this flush must wait for it to be durable.
         self.l1_cache.flush(storage=True)
