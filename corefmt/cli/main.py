@@ -18,6 +18,7 @@ from corefmt.cli.stress import add_stress_parser
 from corefmt.errors import CorefmtError
 from corefmt.ops import info as info_op
 from corefmt.ops import map as map_op
+from corefmt.ops import measure as measure_op
 from corefmt.ops.compare import compare_nodes
 from corefmt.ops.convert import CACHE_MODES, DEFAULT_CACHE_MODE, DEFAULT_WORKERS, convert
 from corefmt.ops.create import create, create_option_help
@@ -255,6 +256,44 @@ def cmd_check(args: argparse.Namespace) -> int:
     return check_op.exit_status(result)
 
 
+def cmd_measure(args: argparse.Namespace) -> int:
+    if len(args.filenames) > 1:
+        raise UsageError("At most one filename argument is allowed.")
+    filename = args.filenames[0] if args.filenames else None
+    measure_op.check_arguments(filename is not None, args.size, image_opts=args.image_opts,
+                               source_format=args.format, snapshot=args.snapshot)
+    source = None
+    if filename is not None:
+        source = _image(argparse.Namespace(filename=filename, image_opts=args.image_opts),
+                        "filename", args.format)
+    result = measure_op.measure(
+        source, size=args.size, target_format=args.output_format, options=args.options,
+        source_format=args.format, snapshot=args.snapshot, image_opts=args.image_opts,
+        allow_protocols=_protocols(args), force_share=args.force_share)
+    if args.output == "json":
+        print(measure_op.format_json(result))
+    else:
+        print(measure_op.format_human(result))
+    return EXIT_OK
+
+
+class _MeasureNow(argparse.Action):
+    """measure's options checked as they come, as qemu-img's getopt loop does
+    (the first bad one is the one reported)."""
+
+    def __call__(self, parser, namespace, value, option_string=None) -> None:
+        if self.dest == "output":
+            if value not in ("human", "json"):
+                raise UsageError("--output must be used with human or json as argument.")
+        elif self.dest == "size":
+            value = measure_op.image_size(value)
+        elif self.dest == "options":
+            if not measure_op.is_valid_option_list(value):
+                raise UsageError(f"Invalid option list: {value}")
+            value = [*(getattr(namespace, self.dest) or []), value]
+        setattr(namespace, self.dest, value)
+
+
 def cmd_io(args: argparse.Namespace) -> int:
     with open_chain(_image(args, "filename", args.format), args.format,
                     read_only=args.read_only, copy_on_read=args.copy_on_read,
@@ -345,6 +384,25 @@ def build_parser() -> argparse.ArgumentParser:
     checking.add_argument("filename")
     checking.set_defaults(run=cmd_check)
 
+    measuring = verbs.add_parser("measure", help="how much space a new image needs")
+    measuring.add_argument("--output", action=_MeasureNow, default="human",
+                           metavar="human|json")
+    measuring.add_argument("-O", dest="output_format", default="raw",
+                           help="the new image's format (default raw)")
+    measuring.add_argument("-o", dest="options", action=_MeasureNow,
+                           help="the new image's create options key=value,...")
+    measuring.add_argument("--size", action=_MeasureNow, metavar="N",
+                           help="measure an empty image of N bytes")
+    measuring.add_argument("-f", dest="format", help="the source image's format")
+    measuring.add_argument("-l", dest="snapshot", metavar="SNAPSHOT",
+                           help="an internal snapshot of the source")
+    _add_image_opts(measuring)
+    measuring.add_argument("--object", action="append", default=[],
+                           help="accepted for qemu-img compatibility (ignored)")
+    measuring.add_argument("-U", "--force-share", action="store_true")
+    measuring.add_argument("filenames", nargs="*", metavar="FILENAME")
+    measuring.set_defaults(run=cmd_measure)
+
     io_verb = verbs.add_parser("io", help="run qemu-io style commands on an image")
     io_verb.add_argument("-f", dest="format")
     _add_image_opts(io_verb)
@@ -380,7 +438,9 @@ def _main(argv: Sequence[str] | None) -> int:
         args = parser.parse_args(arguments)
         return args.run(args)
     except CorefmtError as error:
-        _print_error(str(error))
+        # Some refusals are several of qemu-img's messages (measure's), each its own line.
+        for report in getattr(error, "reports", None) or (str(error),):
+            _print_error(report)
         return EXIT_COMPARE_ERROR if verb == "compare" else EXIT_ERROR
     except KeyboardInterrupt:
         _print_error("interrupted")

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import sys
 import threading
+from typing import Any
 
 import attrs
 
 from corefmt import known_formats, plugins
 from corefmt.block.align import align_up
+from corefmt.capabilities import MeasureResult
 from corefmt.driver import PROBE_FALLBACK, BackingRef, FormatDriver, Image, ImageContext
 from corefmt.errors import OptionError
 from corefmt.extents import Extent
@@ -199,3 +201,9 @@ class RawDriver(FormatDriver):
 
     def open(self, storage: Storage, context: ImageContext) -> RawImage:
         return RawImage(storage, context)
+
+    def measure(self, size: int, options: RawCreateOptions, source: Any) -> MeasureResult:
+        """qemu's raw_measure: the source's virtual size, or the size in whole
+        sectors; a raw file's holes count as allocated."""
+        required = source.virtual_size if source is not None else align_up(size, SECTOR_SIZE)
+        return MeasureResult(required=required, fully_allocated=required)
