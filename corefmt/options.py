@@ -88,18 +88,26 @@ KIND_SIZE, KIND_BOOL, KIND_NUMBER, KIND_STRING = "size", "bool (on/off)", "num",
 
 def option(default: Any, help: str, converter: Callable | None = None,
            validator: Callable | None = None, *, kind: str | None = None,
-           protocol: bool = False) -> Any:
+           protocol: bool = False, key: str | None = None) -> Any:
     """An attrs field that is also a documented option.
 
     ``kind`` is the type ``-o help`` shows (worked out from the converter
     when not given); ``protocol`` marks an option qemu keeps on the file
     (protocol) level, which ``create -o help`` lists only with a filename.
+    ``key`` is the name users type when it is not a Python name (qemu's
+    ``encrypt.format``); the field name is accepted too.
     """
     if kind is None:
         kind = {to_size: KIND_SIZE, to_bool: KIND_BOOL, int: KIND_NUMBER}.get(
             converter, KIND_STRING)  # type: ignore[arg-type]
     return attrs.field(default=default, converter=converter, validator=validator,
-                       metadata={"help": help, "kind": kind, "protocol": protocol})
+                       metadata={"help": help, "kind": kind, "protocol": protocol,
+                                 "key": key})
+
+
+def option_key(field: attrs.Attribute) -> str:
+    """The name users give an option (``-o``, ``json:``)."""
+    return field.metadata.get("key") or field.name
 
 
 @attrs.frozen
@@ -119,14 +127,14 @@ class OptionHelp:
 
 def option_help(cls: type) -> list[tuple[str, str, Any]]:
     """(name, help, default) for every option of a driver's options class."""
-    return [(f.name, f.metadata.get("help", ""), f.default) for f in attrs.fields(cls)]
+    return [(option_key(f), f.metadata.get("help", ""), f.default) for f in attrs.fields(cls)]
 
 
 def option_help_entries(cls: type | None) -> list[OptionHelp]:
     """Every option of an options class with its ``-o help`` type."""
     if cls is None:
         return []
-    return [OptionHelp(f.name, f.metadata.get("help", ""), f.default,
+    return [OptionHelp(option_key(f), f.metadata.get("help", ""), f.default,
                        f.metadata.get("kind", KIND_STRING), f.metadata.get("protocol", False))
             for f in attrs.fields(cls)]
 
@@ -136,12 +144,13 @@ def build_options(cls: type, values: Mapping[str, Any], format_name: str,
     """Instantiate ``cls`` from user-given values, with errors that say which
     option was wrong (``kind`` names what the options belong to: a format or
     a filter)."""
-    known = {f.name: f for f in attrs.fields(cls)}
+    fields = attrs.fields(cls)
+    known = {f.name: f.name for f in fields} | {option_key(f): f.name for f in fields}
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
-        name = key.replace("-", "_")
-        if name not in known:
-            choices = ", ".join(sorted(known)) or "none"
+        name = known.get(key) or known.get(key.replace("-", "_"))
+        if name is None:
+            choices = ", ".join(sorted(option_key(f) for f in fields)) or "none"
             raise OptionError(
                 f"Invalid parameter '{key}' for {kind} {format_name} (supported: {choices})"
             )

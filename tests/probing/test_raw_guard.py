@@ -153,8 +153,9 @@ def test_with_format_raw_the_write_is_allowed_and_the_image_is_then_a_qcow2(tmp_
     path = raw_image(tmp_path / "disk.raw")
     with corefmt.open(str(path), "raw") as disk:
         disk.write(0, qcow2_header(b"/etc/passwd"))
-    with pytest.raises(UnsupportedFormatError, match="this is a qcow2 image"):
-        corefmt.open(str(path), read_only=True)
+    with corefmt.open(str(path), read_only=True) as disk:  # probed: now a qcow2 over a host file
+        assert disk.format_name == "qcow2"
+        assert disk.layer().image.backing.path == "/etc/passwd"
     if QEMU_IMG:  # what the guard prevents: the next probing open reads a host file
         info = json.loads(qemu_img("info", "--output=json", path).stdout)
         assert (info["format"], info["backing-filename"]) == ("qcow2", "/etc/passwd")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from corefmt import plugins
 from corefmt.cli.main import main
 from corefmt.stress.report import StressSummary, format_table, total
 from tests.conftest import run_cli
@@ -14,13 +15,19 @@ def test_matrix_covers_every_format_and_chain(blockmap):
     header, rows, last = lines[0], lines[2:-1], lines[-1]
     assert header.split()[:3] == ["target", "seeds", "operations"]
     names = [row.split("  ")[0].strip() for row in rows]
-    assert names == ["blockmap", "raw", "blockmap <- blockmap", "raw <- blockmap",
-                     "raw <- blockmap <- blockmap"]
+    for name in ["blockmap", "raw", "blockmap <- blockmap", "raw <- blockmap",
+                 "raw <- blockmap <- blockmap"]:
+        assert name in names
+    # Every installed format, with every option set its driver asks to be raced with.
+    registry = plugins.registry()
+    for format_name, driver in registry.formats.items():
+        for option_set in driver.stress_option_sets:
+            assert (f"{format_name} -o {option_set}" if option_set else format_name) in names
     for row in rows:
         cells = row.split()[-6:]
         assert cells[0] == "3" and cells[2] == "3"  # seeds, crash points
         assert cells[4:] == ["0", "0"]  # mismatches, check failures
-    assert last.startswith("operations ") and ", crashes 15, " in last
+    assert last.startswith("operations ") and f", crashes {3 * len(rows)}, " in last
 
 
 def test_table_and_totals_add_up():

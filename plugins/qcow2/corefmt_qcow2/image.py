@@ -1,0 +1,787 @@
+"""An open qcow2 image: the guest's view through L1 and L2 tables, and the
+writes that allocate clusters in the order a crash cannot hurt.
+
+Write ordering (qcow2.txt leaves it to the implementation; this is it):
+
+1. a new cluster's refcount goes into the refcount cache, and the L2 cache
+   is made to depend on it (refcounts reach the disk first);
+2. its data is written (with an external data file, a barrier flushes that
+   file before the L2 cache writes back);
+3. the L2 entry changes in the cached table;
+4. a new L2 table is written and flushed before the L1 entry that points at
+   it, and the L1 is changed in place (8 bytes);
+5. a cluster that loses its last reference is counted down only after the
+   L2 change is on disk (the refcount cache depends on the L2 cache) and is
+   not reused before the next flush (``Refcounts.quarantine``).
+
+With lazy refcounts (v3, ``lazy_refcounts=on``) steps 1 and 5's ordering are
+skipped and the dirty bit is set instead; an unclean close is repaired by
+the next read-write open, as qemu does.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from corefmt import (
+    BackingRef,
+    CheckFix,
+    CheckResult,
+    Extent,
+    Image,
+    ImageContext,
+    ImageError,
+    Limits,
+    MetadataCache,
+    NotSupported,
+    RequestFlags,
+    Storage,
+    sync,
+)
+from corefmt.cache import l2_cache_entries, refcount_cache_entries
+from corefmt_qcow2 import events, l2
+from corefmt_qcow2.events import EventStorage
+from corefmt_qcow2.header import MAX_HEADER_READ, unpack_header
+from corefmt_qcow2.l2 import (
+    COMPRESSED,
+    HAS_HOST,
+    INVALID,
+    NORMAL,
+    UNALLOCATED_ALLOC,
+    UNALLOCATED_PLAIN,
+    ZERO_ALLOC,
+    ZERO_PLAIN,
+    CompressedLayout,
+)
+from corefmt_qcow2.layout import (
+    AUTOCLEAR_DATA_FILE_RAW,
+    AUTOCLEAR_UNDERSTOOD,
+    COMPAT_LAZY_REFCOUNTS,
+    ENTRY,
+    INCOMPAT_CORRUPT,
+    INCOMPAT_DATA_FILE,
+    INCOMPAT_DIRTY,
+    L1_RESERVED,
+    OFFSET_MASK,
+    OFLAG_COPIED,
+    OFLAG_ZERO,
+    SUBCLUSTERS,
+    VERSION_3,
+    div_round_up,
+)
+from corefmt_qcow2.refcount import Refcounts
+
+#: A normal cluster whose refcount is not 1 (no COPIED flag): written by
+#: copying it first (internal snapshots share clusters this way).
+SHARED = 7
+#: What a guest sees of each kind (block status merges these).
+STATUS_KIND = {UNALLOCATED_ALLOC: UNALLOCATED_PLAIN, SHARED: NORMAL}
+#: Clusters allocated in one go by a long write (convert writes 2 MiB requests).
+MAX_BATCH_BYTES = 4 * 1024 * 1024
+
+
+class Qcow2Image(Image):
+    def __init__(self, storage: Storage, context: ImageContext):
+        super().__init__(storage, context)
+        path = context.path
+        file_size = storage.size()
+        raw = storage.read(0, min(file_size, MAX_HEADER_READ))
+        self.header = header = unpack_header(raw, path, file_size)
+        self.virtual_size = header.size
+        self.cluster_bits = header.cluster_bits
+        self.cluster_size = cs = header.cluster_size
+        self.extended = header.extended_l2
+        self.subcluster_size = cs // SUBCLUSTERS if self.extended else cs
+        self.entry_size = header.l2_entry_size
+        self.l2_entries = header.l2_entries
+        self.request_alignment = 1
+        self.compressed = CompressedLayout(header.cluster_bits)
+        self._decompressed: tuple[int, bytes] | None = None
+        if header.incompatible_features & INCOMPAT_CORRUPT and not context.read_only:
+            raise ImageError(path, "qcow2 header", 72,
+                             "qcow2: Image is corrupt; cannot be opened read/write")
+        self.corrupt = bool(header.incompatible_features & INCOMPAT_CORRUPT)
+        if header.backing_file:
+            self.backing = BackingRef(header.backing_file, header.backing_format)
+        options = context.options
+        self.data: Storage = storage
+        self.data_child = "file"
+        if header.incompatible_features & INCOMPAT_DATA_FILE:
+            name = getattr(options, "data_file", None) or header.data_file
+            if not name:
+                raise ImageError(path, "qcow2 header", 72, "'data-file' is required for "
+                                 "this image")
+            self.data = context.open_child("data_file", name)
+            self.data_child = "data_file"
+        self.data_file_raw = bool(self.has_data_file
+                                  and header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW)
+        l1_raw = storage.read(header.l1_table_offset, header.l1_size * ENTRY.size)
+        self.l1 = [value for (value,) in ENTRY.iter_unpack(l1_raw)]
+        self.l1_lock = sync.Lock()
+        self.lock = sync.Lock()  # every metadata change, one at a time
+        l2_bytes, refcount_bytes = self._cache_sizes(options)
+        self.l2_cache = MetadataCache(
+            "qcow2 L2 tables", EventStorage(storage, context.emit, events.L2_UPDATE), cs,
+            l2_cache_entries(header.size, cs, l2_bytes, entry_bytes=self.entry_size))
+        self.refcounts = Refcounts(
+            storage, path, cs, header.refcount_bits, header.refcount_table_offset,
+            header.refcount_table_clusters, refcount_cache_entries(cs, refcount_bytes),
+            context.emit, self._set_refcount_table)
+        lazy = getattr(options, "lazy_refcounts", None)
+        self.lazy = header.version >= VERSION_3 and (
+            bool(header.compatible_features & COMPAT_LAZY_REFCOUNTS) if lazy is None else lazy)
+        self._barrier_pending = False
+        if not context.read_only:
+            self._open_read_write()
+
+    # -- opening ----------------------------------------------------------------------
+    @property
+    def has_data_file(self) -> bool:
+        return self.data is not self.storage
+
+    def _cache_sizes(self, options: Any) -> tuple[int | None, int | None]:
+        """qemu's l2-cache-size / refcount-cache-size / cache-size rules (the
+        combined size is split 1:... as docs/qcow2-cache.txt says: L2 first)."""
+        l2_bytes = getattr(options, "l2_cache_size", None)
+        refcount_bytes = getattr(options, "refcount_cache_size", None)
+        total = getattr(options, "cache_size", None)
+        if total is not None:
+            if l2_bytes is None and refcount_bytes is None:
+                refcount_bytes = max(total // 4, 4 * self.cluster_size) if total else 0
+                l2_bytes = max(total - refcount_bytes, 0)
+            elif l2_bytes is None:
+                l2_bytes = max(total - (refcount_bytes or 0), 0)
+            elif refcount_bytes is None:
+                refcount_bytes = max(total - l2_bytes, 0)
+        return l2_bytes, refcount_bytes
+
+    def _open_read_write(self) -> None:
+        header = self.header
+        changed = False
+        if header.incompatible_features & INCOMPAT_DIRTY:
+            from corefmt_qcow2.check import check_image
+
+            check_image(self, CheckFix.ALL)  # lazy refcounts left them stale
+            header.incompatible_features &= ~INCOMPAT_DIRTY
+            changed = True
+        if changed:
+            self.write_header()
+
+    # -- the header ---------------------------------------------------------------------
+    def write_header(self) -> None:
+        """Rewrite cluster 0's header and extensions, durably."""
+        self.context.emit(events.HEADER_UPDATE)
+        self.storage.write(0, self.header.pack(self.cluster_size))
+        self.storage.flush()
+
+    def _set_refcount_table(self, offset: int, clusters: int) -> None:
+        self.header.refcount_table_offset = offset
+        self.header.refcount_table_clusters = clusters
+        self.write_header()
+
+    def _mark_dirty(self) -> None:
+        """Lazy refcounts: the dirty bit goes to disk before the first
+        metadata change it covers."""
+        if not self.header.incompatible_features & INCOMPAT_DIRTY:
+            self.header.incompatible_features |= INCOMPAT_DIRTY
+            self.write_header()
+
+    def signal_corruption(self, structure: str, offset: int | None, problem: str) -> ImageError:
+        """Impossible metadata: mark the image corrupt (as qemu does) and
+        return the error to raise."""
+        message = problem
+        if not self.context.read_only and not self.corrupt:
+            self.corrupt = True
+            self.header.incompatible_features |= INCOMPAT_CORRUPT
+            try:
+                self.write_header()
+            except Exception:
+                pass
+            message = (f"qcow2: Marking image as corrupt: {problem}; further corruption "
+                       "events will be suppressed")
+        return ImageError(self.context.path, structure, offset, message)
+
+    # -- lookups ------------------------------------------------------------------------
+    @property
+    def _file_end(self) -> int:
+        return max(self.refcounts.high_water * self.cluster_size, self.storage.size())
+
+    def l2_table_offset(self, l1_index: int) -> int:
+        """The L2 table of an L1 entry (0: none), checked."""
+        if l1_index >= len(self.l1):
+            return 0
+        entry = self.l1[l1_index]
+        offset = entry & OFFSET_MASK
+        if not offset:
+            return 0
+        if offset % self.cluster_size:
+            raise self.signal_corruption(
+                "L1 table", self.header.l1_table_offset + l1_index * ENTRY.size,
+                f"L2 table offset {offset:#x} unaligned (L1 index: {l1_index:#x})")
+        if entry & L1_RESERVED or offset + self.cluster_size > self._file_end:
+            raise self.signal_corruption(
+                "L1 table", self.header.l1_table_offset + l1_index * ENTRY.size,
+                f"L2 table offset {offset:#x} invalid (L1 index: {l1_index:#x})")
+        return offset
+
+    def _read_entries(self, data: bytearray, index: int) -> tuple[int, int | None]:
+        if self.extended:
+            entry, bitmap = struct.unpack_from(">QQ", data, index * 16)
+            return entry, bitmap
+        return ENTRY.unpack_from(data, index * 8)[0], None
+
+    def entry(self, cluster: int) -> tuple[int, int | None]:
+        """The L2 entry (and extended bitmap) of guest cluster ``cluster``."""
+        l1_index, l2_index = divmod(cluster, self.l2_entries)
+        table = self.l2_table_offset(l1_index)
+        if not table:
+            return 0, (0 if self.extended else None)
+        with self.l2_cache.get(table) as handle:
+            return self._read_entries(handle.data, l2_index)
+
+    def _kind(self, entry: int, bitmap: int | None, subcluster: int, cluster: int) -> int:
+        kind = l2.kind_of(entry, bitmap, subcluster)
+        if kind == INVALID:
+            raise self.signal_corruption(
+                "L2 table", None, f"Invalid cluster entry found (L2 entry: {entry:#x}, "
+                f"bitmap: {bitmap or 0:#x}, guest cluster {cluster})")
+        if kind in HAS_HOST and (entry & OFFSET_MASK) % self.cluster_size:
+            raise self.signal_corruption(
+                "L2 table", None, f"Cluster allocation offset {entry & OFFSET_MASK:#x} "
+                f"unaligned (guest cluster {cluster})")
+        if kind == NORMAL and not entry & OFLAG_COPIED:
+            return SHARED
+        return kind
+
+    def map_run(self, offset: int, end: int) -> tuple[int, int | None, int]:
+        """The run from ``offset`` (to at most ``end``) of one kind whose host
+        bytes are contiguous: (kind, host offset of ``offset`` or None, length)."""
+        cs, scs, epl = self.cluster_size, self.subcluster_size, self.l2_entries
+        run_kind: int | None = None
+        run_host: int | None = None
+        position = offset
+        while position < end:
+            cluster = position // cs
+            l1_index, l2_index = divmod(cluster, epl)
+            table = self.l2_table_offset(l1_index)
+            if not table:
+                if run_kind is None:
+                    run_kind = UNALLOCATED_PLAIN
+                elif STATUS_KIND.get(run_kind, run_kind) != UNALLOCATED_PLAIN:
+                    break
+                position = min(end, (l1_index + 1) * epl * cs)
+                continue
+            with self.l2_cache.get(table) as handle:
+                data = handle.data
+                while position < end and position // cs // epl == l1_index:
+                    cluster = position // cs
+                    entry, bitmap = self._read_entries(data, cluster % epl)
+                    base = cluster * cs
+                    if bitmap is not None and not entry & l2.OFLAG_COMPRESSED:
+                        subcluster = (position - base) // scs
+                        kind = self._kind(entry, bitmap, subcluster, cluster)
+                        piece_end = min(end, base + (subcluster + 1) * scs)
+                    else:
+                        kind = self._kind(entry, None, 0, cluster)
+                        piece_end = min(end, base + cs)
+                    host = (entry & OFFSET_MASK) + position - base if kind in (
+                        NORMAL, SHARED, ZERO_ALLOC) else None
+                    if run_kind is None:
+                        run_kind, run_host = kind, host
+                    elif (kind != run_kind and not (
+                            kind in (UNALLOCATED_PLAIN, UNALLOCATED_ALLOC)
+                            and run_kind in (UNALLOCATED_PLAIN, UNALLOCATED_ALLOC))) or (host is not None and host != run_host + (position - offset)):
+                        return run_kind, run_host, position - offset
+                    position = piece_end
+        return run_kind if run_kind is not None else UNALLOCATED_PLAIN, run_host, \
+            position - offset
+
+    # -- block status and reads ---------------------------------------------------------
+    @property
+    def limits(self) -> Limits:
+        return Limits(request_alignment=1, zeroes_alignment=self.subcluster_size,
+                      discard_alignment=self.cluster_size, copy_granularity=self.cluster_size)
+
+    def block_status(self, offset: int, length: int) -> Extent:
+        end = min(offset + length, self.virtual_size)
+        kind, host, run = self.map_run(offset, end)
+        kind = STATUS_KIND.get(kind, kind)
+        if kind == NORMAL:
+            if self.has_data_file:  # qemu does not look into a data file's holes
+                return Extent(offset, run, data=True, zero=False, allocated=True,
+                              host_offset=host, host_child=self.data_child)
+            # As qemu: a stored cluster over a hole of the image file reads as
+            # zeros, and map says so.
+            is_data, host_run = self.storage.data_run(host, run)
+            return Extent(offset, min(run, max(host_run, 1)), data=True, zero=not is_data,
+                          allocated=True, host_offset=host)
+        if kind == COMPRESSED:
+            return Extent(offset, run, data=True, zero=False, allocated=True, compressed=True)
+        if kind == ZERO_ALLOC:
+            return Extent(offset, run, data=False, zero=True, allocated=True, host_offset=host,
+                          host_child=self.data_child)
+        if kind == ZERO_PLAIN:
+            return Extent(offset, run, data=False, zero=True, allocated=True)
+        return Extent(offset, run, data=False, zero=False, allocated=False)
+
+    def readinto(self, offset: int, buf: memoryview) -> None:
+        done, total = 0, len(buf)
+        while done < total:
+            kind, host, run = self.map_run(offset + done, offset + total)
+            piece = buf[done:done + run]
+            if kind in (NORMAL, SHARED):
+                self.data.readinto(host, piece)
+            elif kind == COMPRESSED:
+                self._read_compressed(offset + done, piece)
+            elif kind in (ZERO_PLAIN, ZERO_ALLOC):
+                piece[:] = bytes(run)
+            else:  # unallocated here: what lies below
+                piece[:] = self.context.read_below(offset + done, run)
+            done += run
+
+    def _read_compressed(self, offset: int, buf: memoryview) -> None:
+        cs = self.cluster_size
+        done = 0
+        while done < len(buf):
+            cluster, inside = divmod(offset + done, cs)
+            step = min(cs - inside, len(buf) - done)
+            buf[done:done + step] = self.cluster_content(cluster)[inside:inside + step]
+            done += step
+
+    def decompress_entry(self, entry: int, cluster: int) -> bytes:
+        host, length = self.compressed.locate(entry)
+        cached = self._decompressed
+        if cached is not None and cached[0] == entry:
+            return cached[1]
+        if host + length > self.storage.size() + 512:
+            raise self.signal_corruption("L2 table", None, f"compressed cluster {cluster} at "
+                                         f"{host:#x} lies past the end of the file")
+        data = self.storage.read(host, length)
+        content = l2.decompress(data, self.cluster_size, self.header.compression_type)
+        if content is None:
+            raise ImageError(self.context.path, "compressed cluster", host,
+                             f"guest cluster {cluster} does not decompress")
+        self._decompressed = (entry, content)
+        return content
+
+    def cluster_content(self, cluster: int, start: int = 0, end: int | None = None) -> bytes:
+        """What this layer shows for bytes ``start..end`` of a guest cluster
+        (the backing chain where it is unallocated): the old content a
+        copy-on-write keeps."""
+        cs = self.cluster_size
+        end = cs if end is None else end
+        entry, bitmap = self.entry(cluster)
+        base = cluster * cs
+        if entry & l2.OFLAG_COMPRESSED:
+            return self.decompress_entry(entry, cluster)[start:end]
+        out = bytearray(end - start)
+        readable = max(0, min(end - start, self.virtual_size - base - start))
+        if readable:
+            self.readinto(base + start, memoryview(out)[:readable])
+        return bytes(out)
+
+    # -- writes -------------------------------------------------------------------------
+    def _check_writable(self) -> None:
+        if self.corrupt:
+            raise ImageError(self.context.path, "qcow2 header", 72,
+                             "Image is corrupt; cannot be written")
+        if self.header.autoclear_features & ~AUTOCLEAR_UNDERSTOOD:
+            # A program that does not understand an autoclear feature clears
+            # it before it changes the image (bitmaps: stale from now on).
+            with self.lock:
+                self.header.autoclear_features &= AUTOCLEAR_UNDERSTOOD
+                self.write_header()
+
+    def write(self, offset: int, data: bytes | memoryview,
+              flags: RequestFlags = RequestFlags.NONE) -> None:
+        self._check_writable()
+        view = memoryview(data).cast("B")
+        total, done = len(view), 0
+        while done < total:
+            kind, host, run = self.map_run(offset + done, offset + total)
+            if kind == NORMAL:
+                self.data.write(host, view[done:done + run])
+                done += run
+                continue
+            with self.lock:
+                done += self._write_allocating(offset + done, view[done:])
+        if flags & RequestFlags.FUA:
+            self.flush()
+
+    def _write_allocating(self, offset: int, view: memoryview) -> int:
+        """Write the start of ``view`` where clusters must be allocated or
+        changed; how many bytes were written. Holds the metadata lock."""
+        cs = self.cluster_size
+        cluster, inside = divmod(offset, cs)
+        entry, bitmap = self.entry(cluster)
+        if entry == 0 and not bitmap:
+            return self._write_new_clusters(offset, view)
+        step = min(cs - inside, len(view))
+        self._rewrite_cluster(cluster, inside, view[:step], entry, bitmap)
+        return step
+
+    def _subcluster_span(self, start: int, end: int) -> tuple[int, int]:
+        """``start..end`` (inside one cluster) widened to whole subclusters."""
+        scs = self.subcluster_size
+        return start - start % scs, -(-end // scs) * scs
+
+    def _write_new_clusters(self, offset: int, view: memoryview) -> int:
+        """Clusters with no entry at all: new, contiguous host clusters, the
+        partial edges filled from below, written with one write."""
+        cs, epl = self.cluster_size, self.l2_entries
+        first = offset // cs
+        limit = min(offset + len(view), (first // epl + 1) * epl * cs,
+                    first * cs + MAX_BATCH_BYTES)
+        last = (limit - 1) // cs
+        count = 1
+        while first + count <= last:
+            entry, bitmap = self.entry(first + count)
+            if entry or bitmap:
+                break
+            count += 1
+        end = min(offset + len(view), (first + count) * cs)
+        region_start, _ = self._subcluster_span(offset - first * cs, cs)
+        region_start += first * cs
+        last_cluster = (end - 1) // cs
+        _, region_end = self._subcluster_span(0, end - last_cluster * cs)
+        region_end += last_cluster * cs
+        count = last_cluster - first + 1
+        buffer = bytearray(region_end - region_start)
+        if region_start < offset:
+            buffer[:offset - region_start] = self._below(region_start, offset)
+        if end < region_end:
+            buffer[end - region_start:] = self._below(end, region_end)
+        buffer[offset - region_start:end - region_start] = view[:end - offset]
+        l2_table = self.writable_l2(first // epl)
+        host = self.allocate_data(first, count)
+        self.context.emit(events.CLUSTER_ALLOC)
+        self.data.write(host + region_start - first * cs, buffer)
+        self._order_data_before_l2()
+        with self.l2_cache.get(l2_table) as handle:
+            for index in range(count):
+                cluster = first + index
+                new_bitmap = None
+                if self.extended:
+                    lo = max(region_start, cluster * cs) - cluster * cs
+                    hi = min(region_end, (cluster + 1) * cs) - cluster * cs
+                    scs = self.subcluster_size
+                    new_bitmap = l2.alloc_bits(lo // scs, (hi - lo) // scs)
+                self.set_entry(handle, cluster % epl, (host + index * cs) | OFLAG_COPIED,
+                                new_bitmap)
+        return end - offset
+
+    def _below(self, start: int, end: int) -> bytes:
+        """The backing chain's bytes for ``start..end``; zeros past the disk's end."""
+        available = max(0, min(end, self.virtual_size) - start)
+        below = self.context.read_below(start, available) if available else b""
+        return below + bytes(end - start - available)
+
+    def allocate_data(self, first_cluster: int, count: int) -> int:
+        """Host clusters for guest clusters: with an external data file the
+        guest offset itself (qemu maps data files 1:1, unrefcounted)."""
+        if self.has_data_file:
+            return first_cluster * self.cluster_size
+        host = self.refcounts.allocate(count)
+        self._order_refcounts_before_l2()
+        return host
+
+    def _rewrite_cluster(self, cluster: int, inside: int, piece: memoryview, entry: int,
+                         bitmap: int | None) -> None:
+        """A write into a cluster that has an entry but cannot be written in
+        place as it is: zero, compressed, shared, or (extended L2) with
+        subclusters not yet allocated."""
+        cs = self.cluster_size
+        compressed = bool(entry & l2.OFLAG_COMPRESSED)
+        old_host = 0 if compressed else entry & OFFSET_MASK
+        reuse = bool(old_host) and bool(entry & OFLAG_COPIED)
+        if self.extended and (reuse or not old_host) and not compressed:
+            start, end = self._subcluster_span(inside, inside + len(piece))
+        else:
+            start, end = 0, cs
+        content = bytearray(self.cluster_content(cluster, start, end))
+        content[inside - start:inside - start + len(piece)] = piece
+        l2_table = self.writable_l2(cluster // self.l2_entries)
+        host = old_host if reuse else self.allocate_data(cluster, 1)
+        if self.has_data_file:
+            host, reuse = cluster * cs, True
+        self.context.emit(events.COW_WRITE)
+        self.data.write(host + start, content)
+        self._order_data_before_l2()
+        new_bitmap = None
+        if self.extended:
+            scs = self.subcluster_size
+            touched = l2.alloc_bits(start // scs, (end - start) // scs)
+            kept = (reuse or not old_host) and not compressed
+            old_bits = (bitmap or 0) if kept else 0
+            new_bitmap = (old_bits | touched) & ~(touched << l2.SUBCLUSTER_ZERO_SHIFT)
+        with self.l2_cache.get(l2_table) as handle:
+            self.set_entry(handle, cluster % self.l2_entries, host | OFLAG_COPIED, new_bitmap)
+        if not reuse:
+            self._free_entry(entry, cluster)
+
+    def set_entry(self, handle: Any, index: int, entry: int, bitmap: int | None) -> None:
+        if self.extended:
+            struct.pack_into(">QQ", handle.data, index * 16, entry, bitmap or 0)
+        else:
+            ENTRY.pack_into(handle.data, index * 8, entry)
+        handle.mark_dirty()
+
+    # -- ordering -----------------------------------------------------------------------
+    def _order_refcounts_before_l2(self) -> None:
+        if self.lazy:
+            self._mark_dirty()
+        else:
+            self.l2_cache.depends_on(self.refcounts.cache)
+
+    def _order_data_before_l2(self) -> None:
+        """Data is flushed before an L2 table that points at it is written
+        back: a cluster reused in place (zero, preallocated, a subcluster)
+        gets no refcount update whose flush would order it, and lazy
+        refcounts order nothing."""
+        if not self._barrier_pending:
+            self._barrier_pending = True
+            self.l2_cache.add_barrier(self._data_barrier)
+
+    def _data_barrier(self) -> None:
+        self._barrier_pending = False
+        self.data.flush()
+
+    def _free_entry(self, entry: int, cluster: int) -> None:
+        """Drop the reference an old L2 entry held (after the L2 change)."""
+        if entry & l2.OFLAG_COMPRESSED:
+            start, length = self.compressed.sectors_span(entry)
+            first = start // self.cluster_size
+            last = (start + length - 1) // self.cluster_size
+            self._free_clusters(first * self.cluster_size, last - first + 1)
+        elif entry & OFFSET_MASK and not self.has_data_file:
+            self._free_clusters(entry & OFFSET_MASK, 1)
+
+    def _free_clusters(self, offset: int, count: int) -> None:
+        if self.lazy:
+            self._mark_dirty()
+        else:
+            self.refcounts.cache.depends_on(self.l2_cache)
+        self.refcounts.free(offset, count)
+
+    # -- L1 and L2 tables -----------------------------------------------------------------
+    def writable_l2(self, l1_index: int) -> int:
+        """An L2 table this image alone owns for ``l1_index``: allocated (or
+        copied from a shared one) and on disk before the L1 points at it."""
+        table = self.l2_table_offset(l1_index)
+        if table and self.l1[l1_index] & OFLAG_COPIED:
+            return table
+        cs = self.cluster_size
+        if table:
+            with self.l2_cache.get(table) as handle:
+                content = bytes(handle.data)
+        else:
+            content = bytes(cs)
+        new = self.refcounts.allocate(1)
+        if not self.lazy:
+            self.refcounts.cache.flush(storage=True)
+        else:
+            self._mark_dirty()
+        self.context.emit(events.L2_ALLOC_WRITE)
+        self.storage.write(new, content)
+        self.storage.flush()
+        self.set_l1(l1_index, new | OFLAG_COPIED)
+        if table:  # the shared table keeps its other owners' reference
+            self._free_clusters(table, 1)
+        return new
+
+    def set_l1(self, l1_index: int, value: int) -> None:
+        self.context.emit(events.L1_UPDATE)
+        self.storage.write(self.header.l1_table_offset + l1_index * ENTRY.size,
+                           ENTRY.pack(value))
+        self.l1[l1_index] = value
+
+    # -- zeroing and discarding -----------------------------------------------------------
+    def supports(self, capability: str) -> bool:
+        if capability == "write_zeroes":
+            return self.header.version >= VERSION_3
+        return super().supports(capability)
+
+    def write_zeroes(self, offset: int, length: int, unmap: bool = False,
+                     flags: RequestFlags = RequestFlags.NONE) -> None:
+        """qemu's zero_in_l2_slice: zero flags (or extended zero bits); a
+        cluster's host space is given back only with ``unmap``."""
+        self._check_writable()
+        if self.header.version < VERSION_3:
+            raise NotSupported("qcow2 v2 has no zero clusters")
+        if self.data_file_raw:
+            self.data.write_zeroes(offset, length)
+        cs, end = self.cluster_size, offset + length
+        with self.lock:
+            position = offset
+            while position < end:
+                cluster, inside = divmod(position, cs)
+                step = min(cs - inside, end - position)
+                if step < cs and not (position + step == self.virtual_size and inside == 0):
+                    self._zero_subclusters(cluster, inside, step)
+                else:
+                    self._zero_cluster(cluster, unmap)
+                position += step
+        if flags & RequestFlags.FUA:
+            self.flush()
+
+    def _zero_cluster(self, cluster: int, unmap: bool) -> None:
+        entry, bitmap = self.entry(cluster)
+        compressed = bool(entry & l2.OFLAG_COMPRESSED)
+        allocated = compressed or bool(entry & OFFSET_MASK)
+        drop = compressed or (unmap and allocated and not self.data_file_raw)
+        new_entry = 0 if drop else entry
+        if self.extended:
+            new_bitmap: int | None = l2.ALL_ZEROES
+        else:
+            new_bitmap, new_entry = None, new_entry | OFLAG_ZERO
+        if (new_entry, new_bitmap) == (entry, bitmap):
+            return
+        self._update_entry(cluster, new_entry, new_bitmap)
+        if drop:
+            self._free_entry(entry, cluster)
+
+    def _zero_subclusters(self, cluster: int, inside: int, length: int) -> None:
+        """Extended L2: part of a cluster, in whole subclusters."""
+        entry, bitmap = self.entry(cluster)
+        if entry & l2.OFLAG_COMPRESSED or not self.extended:
+            raise NotSupported("a compressed cluster cannot be zeroed in part")
+        scs = self.subcluster_size
+        bits = l2.alloc_bits(inside // scs, length // scs)
+        new_bitmap = ((bitmap or 0) | bits << l2.SUBCLUSTER_ZERO_SHIFT) & ~bits
+        if new_bitmap != bitmap:
+            self._update_entry(cluster, entry, new_bitmap)
+
+    def _update_entry(self, cluster: int, entry: int, bitmap: int | None) -> None:
+        table = self.writable_l2(cluster // self.l2_entries)
+        with self.l2_cache.get(table) as handle:
+            self.set_entry(handle, cluster % self.l2_entries, entry, bitmap)
+
+    def discard(self, offset: int, length: int) -> None:
+        """qemu's discard_in_l2_slice (full_discard off): discarded clusters
+        read as zeros in v3; v2 with a backing file is left alone, as qemu
+        does (it could not make them read as zeros)."""
+        self._check_writable()
+        if self.header.version < VERSION_3 and self.backing is not None:
+            return
+        cs = self.cluster_size
+        with self.lock:
+            for cluster in range(offset // cs, div_round_up(offset + length, cs)):
+                self._discard_cluster(cluster)
+
+    def _discard_cluster(self, cluster: int) -> None:
+        entry, bitmap = self.entry(cluster)
+        compressed = bool(entry & l2.OFLAG_COMPRESSED)
+        allocated = compressed or bool(entry & OFFSET_MASK)
+        kind = l2.kind_of(entry, None)
+        if kind == UNALLOCATED_PLAIN and not allocated and self.backing is None and not bitmap:
+            return
+        if kind == ZERO_PLAIN and not self.extended:
+            return
+        if self.extended:
+            new_entry, new_bitmap = 0, l2.ALL_ZEROES
+        else:
+            new_entry, new_bitmap = (OFLAG_ZERO if self.header.version >= VERSION_3 else 0), None
+        if (new_entry, new_bitmap) == (entry, bitmap):
+            return
+        self._update_entry(cluster, new_entry, new_bitmap)
+        if allocated and not self.data_file_raw:
+            self._free_entry(entry, cluster)
+
+    # -- flush, close, truncate -----------------------------------------------------------
+    def flush(self) -> None:
+        with self.lock:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.has_data_file:
+            self.data.flush()
+        self.l2_cache.flush(storage=True)
+        self.refcounts.cache.flush(storage=True)
+        self.storage.flush()
+        self.refcounts.release_quarantine()
+
+    def close(self) -> None:
+        try:
+            if not self.context.read_only:
+                with self.lock:
+                    self._flush()
+                    if self.header.incompatible_features & INCOMPAT_DIRTY:
+                        self.header.incompatible_features &= ~INCOMPAT_DIRTY
+                        self.write_header()
+        finally:
+            if self.has_data_file:
+                self.data.close()
+            self.storage.close()
+
+    def has_zero_init(self) -> bool:
+        """A new qcow2 maps nothing (unless preallocated into a device)."""
+        return not self.data_file_raw
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self.header.incompatible_features & INCOMPAT_DIRTY)
+
+    def truncate(self, size: int) -> None:
+        from corefmt_qcow2.resize import resize
+
+        self._check_writable()
+        with self.lock:
+            resize(self, size)
+
+    def flush_locked(self) -> None:
+        self._flush()
+
+    def clear_cluster(self, cluster: int) -> None:
+        """Unmap a cluster completely (it falls through to the backing file)."""
+        entry, bitmap = self.entry(cluster)
+        if entry == 0 and not bitmap:
+            return
+        self._update_entry(cluster, 0, 0 if self.extended else None)
+        if not self.data_file_raw:
+            self._free_entry(entry, cluster)
+
+    def drop_l2(self, l1_index: int) -> None:
+        """Unhook an L2 table whose clusters are all unmapped: the L1 entry is
+        cleared on disk before the table's cluster is counted down."""
+        table = self.l2_table_offset(l1_index)
+        self.l2_cache.flush(storage=True)
+        self.set_l1(l1_index, 0)
+        self.storage.flush()
+        self.l2_cache.forget(table)
+        self._free_clusters(table, 1)
+
+    def grow_l1(self, entries: int) -> None:
+        """A bigger L1 table, written and flushed before the header points at
+        it; the old one is freed after (qemu's qcow2_grow_l1_table)."""
+        cs = self.cluster_size
+        clusters = div_round_up(entries * ENTRY.size, cs)
+        new = self.refcounts.allocate(clusters)
+        self.refcounts.cache.flush(storage=True)
+        table = self.l1 + [0] * (entries - len(self.l1))
+        self.context.emit(events.L1_GROW_WRITE_TABLE)
+        self.storage.write(new, b"".join(ENTRY.pack(value) for value in table))
+        self.storage.flush()
+        old_offset, old_size = self.header.l1_table_offset, self.header.l1_size
+        self.header.l1_table_offset, self.header.l1_size = new, entries
+        self.write_header()
+        self.l1 = table
+        if old_size:
+            old_clusters = div_round_up(old_size * ENTRY.size, cs)
+            self._free_clusters(old_offset, old_clusters)
+
+    # -- check and info -----------------------------------------------------------------
+    def check(self, fix: CheckFix = CheckFix.NONE) -> CheckResult:
+        from corefmt_qcow2.check import check_image
+
+        if self.context.read_only:
+            fix = CheckFix.NONE
+        with self.lock:
+            if not self.context.read_only:
+                self._flush()
+            return check_image(self, fix)
+
+    def info(self) -> dict[str, Any]:
+        from corefmt_qcow2.info import format_specific
+
+        return format_specific(self)

@@ -1,0 +1,40 @@
+"""Changing a qcow2 image's virtual size (qemu's qcow2_co_truncate without
+preallocation): growing makes the L1 table big enough; shrinking drops the
+clusters past the new end first, so nothing points outside the disk."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from corefmt import OptionError
+from corefmt_qcow2.layout import EXT_BITMAPS, div_round_up
+
+if TYPE_CHECKING:
+    from corefmt_qcow2.image import Qcow2Image
+
+
+def resize(image: Qcow2Image, size: int) -> None:
+    """Set the virtual size (the caller holds the image's metadata lock)."""
+    header = image.header
+    if size % 512:
+        raise OptionError("The new size must be a multiple of 512")
+    if header.nb_snapshots:
+        raise OptionError("Can't resize an image which has snapshots")
+    if size < header.size and header.extension(EXT_BITMAPS) is not None:
+        raise OptionError("Cannot shrink an image with persistent bitmaps")
+    cs = image.cluster_size
+    entries = div_round_up(size, cs * image.l2_entries)
+    if size < header.size:
+        first = div_round_up(size, cs)
+        for cluster in range(first, div_round_up(header.size, cs)):
+            if image.l2_table_offset(cluster // image.l2_entries):
+                image.clear_cluster(cluster)
+        for l1_index in range(entries, len(image.l1)):
+            if image.l2_table_offset(l1_index):
+                image.drop_l2(l1_index)
+        image.flush_locked()
+    elif entries > header.l1_size:
+        image.grow_l1(entries)
+    header.size = size
+    image.virtual_size = size
+    image.write_header()
