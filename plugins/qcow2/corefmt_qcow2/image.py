@@ -21,6 +21,7 @@ the next read-write open, as qemu does.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from typing import Any
 
@@ -79,6 +80,13 @@ SHARED = 7
 STATUS_KIND = {UNALLOCATED_ALLOC: UNALLOCATED_PLAIN, SHARED: NORMAL}
 #: Clusters allocated in one go by a long write (convert writes 2 MiB requests).
 MAX_BATCH_BYTES = 4 * 1024 * 1024
+
+
+def _breaks_run(run_kind: int, kind: int) -> bool:
+    """Whether a piece of ``kind`` ends a run of ``run_kind`` (the two
+    unallocated kinds read the same: from below)."""
+    unallocated = (UNALLOCATED_PLAIN, UNALLOCATED_ALLOC)
+    return kind != run_kind and not (kind in unallocated and run_kind in unallocated)
 
 
 class Qcow2Image(Image):
@@ -194,10 +202,8 @@ class Qcow2Image(Image):
         if not self.context.read_only and not self.corrupt:
             self.corrupt = True
             self.header.incompatible_features |= INCOMPAT_CORRUPT
-            try:
+            with contextlib.suppress(Exception):  # the corruption is the error to report
                 self.write_header()
-            except Exception:
-                pass
             message = (f"qcow2: Marking image as corrupt: {problem}; further corruption "
                        "events will be suppressed")
         return ImageError(self.context.path, structure, offset, message)
@@ -263,7 +269,7 @@ class Qcow2Image(Image):
         position = offset
         while position < end:
             cluster = position // cs
-            l1_index, l2_index = divmod(cluster, epl)
+            l1_index = cluster // epl
             table = self.l2_table_offset(l1_index)
             if not table:
                 if run_kind is None:
@@ -289,13 +295,12 @@ class Qcow2Image(Image):
                         NORMAL, SHARED, ZERO_ALLOC) else None
                     if run_kind is None:
                         run_kind, run_host = kind, host
-                    elif (kind != run_kind and not (
-                            kind in (UNALLOCATED_PLAIN, UNALLOCATED_ALLOC)
-                            and run_kind in (UNALLOCATED_PLAIN, UNALLOCATED_ALLOC))) or (host is not None and host != run_host + (position - offset)):
+                    elif _breaks_run(run_kind, kind) or (
+                            host is not None and host != run_host + (position - offset)):
                         return run_kind, run_host, position - offset
                     position = piece_end
-        return run_kind if run_kind is not None else UNALLOCATED_PLAIN, run_host, \
-            position - offset
+        final_kind = run_kind if run_kind is not None else UNALLOCATED_PLAIN
+        return final_kind, run_host, position - offset
 
     # -- block status and reads ---------------------------------------------------------
     @property
@@ -371,7 +376,7 @@ class Qcow2Image(Image):
         copy-on-write keeps."""
         cs = self.cluster_size
         end = cs if end is None else end
-        entry, bitmap = self.entry(cluster)
+        entry, _ = self.entry(cluster)
         base = cluster * cs
         if entry & l2.OFLAG_COMPRESSED:
             return self.decompress_entry(entry, cluster)[start:end]
