@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Benchmark: ``corefmt convert`` against ``qemu-img convert``, raw to raw.
+"""Benchmark: ``corefmt convert`` against ``qemu-img convert``, raw to raw
+(``--to qcow2``: raw to qcow2; ``--from qcow2``: the source first made a
+qcow2 by qemu-img, untimed, then qcow2 to raw).
 
 The source is a sparse raw image shaped like a used guest disk: scattered
 data extents of varied sizes, extents of explicit (allocated) zeros, and
@@ -226,11 +228,16 @@ def warm_page_cache(path: str) -> None:
 
 
 # -- running the tools --------------------------------------------------------------
+#: Formats of the source and the target (``--from`` / ``--to``).
+FORMATS = {"source": "raw", "target": "raw"}
+
+
 def command(tool: str, source: str, target: str, extra: Sequence[str]) -> list[str]:
+    formats = ["-f", FORMATS["source"], "-O", FORMATS["target"]]
     if tool == COREFMT:
         return [sys.executable, "-m", "corefmt.cli.main", "convert",
-                "-f", "raw", "-O", "raw", *extra, source, target]
-    return ["qemu-img", "convert", "-f", "raw", "-O", "raw", *extra, source, target]
+                *formats, *extra, source, target]
+    return ["qemu-img", "convert", *formats, *extra, source, target]
 
 
 def timed_run(argv: list[str]) -> tuple[float, float, int, int]:
@@ -253,8 +260,8 @@ def timed_run(argv: list[str]) -> tuple[float, float, int, int]:
 
 
 def identical(source: str, target: str) -> bool:
-    result = subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw",
-                             source, target], check=False)
+    result = subprocess.run(["qemu-img", "compare", "-q", "-f", FORMATS["source"],
+                             "-F", FORMATS["target"], source, target], check=False)
     return result.returncode == COMPARE_IDENTICAL
 
 
@@ -289,7 +296,7 @@ def run_all(source: str, workdir: str, repeat: int, settle_rounds: int,
     for repetition in range(repeat):
         order = TOOLS if repetition % 2 == 0 else TOOLS[::-1]
         for tool in order:
-            target = os.path.join(workdir, f"out-{tool}.raw")
+            target = os.path.join(workdir, f"out-{tool}.{FORMATS['target']}")
             argv = command(tool, source, target, extra[tool])
             remove_output(target)
             settle(argv, target, settle_rounds)
@@ -364,6 +371,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="untimed runs of the same tool before each timed run "
                              f"(default {DEFAULT_SETTLE})")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    parser.add_argument("--from", dest="source_format", choices=("raw", "qcow2"),
+                        default="raw", help="source format (qcow2: made from the raw "
+                                            "source by qemu-img, untimed)")
+    parser.add_argument("--to", dest="target_format", choices=("raw", "qcow2"),
+                        default="raw", help="target format")
     parser.add_argument("--corefmt-arg", action="append", default=[], metavar="ARG",
                         help="extra argument for corefmt convert (e.g. --corefmt-arg=-m8)")
     parser.add_argument("--qemu-arg", action="append", default=[], metavar="ARG",
@@ -378,6 +390,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.makedirs(workdir, exist_ok=True)
     try:
         source, pieces = prepare_source(workdir, args.size, args.seed)
+        FORMATS.update(source=args.source_format, target=args.target_format)
+        if args.source_format != "raw":
+            made = f"{source}.{args.source_format}"
+            if not os.path.exists(made):
+                subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", args.source_format,
+                                source, made], check=True)
+            source = made
         warm_page_cache(source)
         extra = {COREFMT: args.corefmt_arg, QEMU: args.qemu_arg}
         print(f"converting {source} ({args.repeat} runs each, alternating order)")

@@ -380,10 +380,12 @@ class MetadataCache:
             self._flush_storage()
         self._resolve_dependents(start)
 
-    def _make_durable(self) -> None:
+    def make_durable(self) -> None:
         """What a dependent needs: our tables written and our storage flushed
         (the storage flush skipped when nothing was written since the last)."""
         self._flush(storage=True, always_flush_storage=False)
+
+    _make_durable = make_durable
 
     def _flush_storage(self) -> None:
         with self._lock:

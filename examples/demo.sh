@@ -30,6 +30,16 @@ corefmt io -r -c 'read 0 64k' \
     'json:{"driver":"log","path":"requests.log","file":{"driver":"raw","file":"disk.raw"}}'
 cat requests.log
 
+echo "== a chain of mixed formats: a qcow2 overlay over the raw disk"
+corefmt create -f qcow2 -b disk.raw -F raw overlay.qcow2
+corefmt io -c 'write -P 0xcd 16k 8k' -c 'write -z 32M 64k' -c 'read -P 0xab 0 16k' \
+    -c 'read -P 0xcd 16k 8k' overlay.qcow2
+corefmt info --backing-chain overlay.qcow2
+corefmt map overlay.qcow2
+corefmt check overlay.qcow2
+corefmt convert -O qcow2 overlay.qcow2 flat.qcow2   # the whole chain, into one image
+corefmt compare overlay.qcow2 flat.qcow2
+
 echo "== the Python API"
 python3 - <<'PY'
 import corefmt
@@ -41,5 +51,7 @@ PY
 if command -v qemu-img >/dev/null; then
     echo "== qemu-img agrees"
     qemu-img compare -f raw -F raw disk.raw copy.raw
+    qemu-img check overlay.qcow2
+    qemu-img compare -f qcow2 -F qcow2 overlay.qcow2 flat.qcow2
 fi
 echo "demo finished"

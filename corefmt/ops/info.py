@@ -65,5 +65,5 @@ def format_human(info: dict[str, Any]) -> str:
         for key, value in specific["data"].items():
             if isinstance(value, bool):
                 value = "true" if value else "false"
-            lines.append(f"    {key}: {value}")
+            lines.append(f"    {key.replace('-', ' ')}: {value}")  # qemu's human keys
     return "\n".join(lines)

@@ -462,7 +462,7 @@ class Qcow2Image(Image):
         host = self.allocate_data(first, count)
         self.context.emit(events.CLUSTER_ALLOC)
         self.data.write(host + region_start - first * cs, buffer)
-        self._order_data_before_l2()
+        self._order_data_before_l2(allocated=True)
         with self.l2_cache.get(l2_table) as handle:
             for index in range(count):
                 cluster = first + index
@@ -488,7 +488,8 @@ class Qcow2Image(Image):
         if self.has_data_file:
             return first_cluster * self.cluster_size
         host = self.refcounts.allocate(count)
-        self._order_refcounts_before_l2()
+        if self.lazy:
+            self._mark_dirty()
         return host
 
     def _rewrite_cluster(self, cluster: int, inside: int, piece: memoryview, entry: int,
@@ -512,7 +513,7 @@ class Qcow2Image(Image):
             host, reuse = cluster * cs, True
         self.context.emit(events.COW_WRITE)
         self.data.write(host + start, content)
-        self._order_data_before_l2()
+        self._order_data_before_l2(allocated=not reuse)
         new_bitmap = None
         if self.extended:
             scs = self.subcluster_size
@@ -533,17 +534,19 @@ class Qcow2Image(Image):
         handle.mark_dirty()
 
     # -- ordering -----------------------------------------------------------------------
-    def _order_refcounts_before_l2(self) -> None:
-        if self.lazy:
-            self._mark_dirty()
-        else:
-            self.l2_cache.depends_on(self.refcounts.cache)
+    def _order_data_before_l2(self, allocated: bool) -> None:
+        """What a changed L2 entry waits for before its table is written back:
+        the refcounts of a new cluster, and the data it points at.
 
-    def _order_data_before_l2(self) -> None:
-        """Data is flushed before an L2 table that points at it is written
-        back: a cluster reused in place (zero, preallocated, a subcluster)
-        gets no refcount update whose flush would order it, and lazy
-        refcounts order nothing."""
+        Set after the data write, the dependency on the refcount cache does
+        both for the image file (its flush comes after the data). A cluster
+        reused in place (zero, preallocated, a subcluster) has no refcount
+        update, an external data file is another file, and lazy refcounts
+        order nothing: those get a barrier that flushes the data first."""
+        if allocated and not self.lazy:
+            self.l2_cache.depends_on(self.refcounts.cache)
+            if not self.has_data_file:
+                return
         if not self._barrier_pending:
             self._barrier_pending = True
             self.l2_cache.add_barrier(self._data_barrier)
@@ -701,9 +704,11 @@ class Qcow2Image(Image):
     def _flush(self) -> None:
         if self.has_data_file:
             self.data.flush()
+        # Always flushes the image file: in-place data writes and L1 updates
+        # reach it without a cache.
         self.l2_cache.flush(storage=True)
-        self.refcounts.cache.flush(storage=True)
-        self.storage.flush()
+        # Refcounts that dropped after those L2 changes (only if any were written).
+        self.refcounts.cache.make_durable()
         self.refcounts.release_quarantine()
 
     def close(self) -> None:
