@@ -241,18 +241,32 @@ def cmd_check(args: argparse.Namespace) -> int:
                         read_only=fix == CheckFix.NONE, backing=False,
                         allow_protocols=_protocols(args),
                         force_share=args.force_share and fix == CheckFix.NONE) as node:
-            first = check_op.check_node(node, fix)
-            result = check_op.check_node(node) if fix != CheckFix.NONE else first
+            # As qemu-img: the repairing run's messages, then (if it fixed
+            # anything) a second run's, whose report carries the fixed counts.
+            first = result = check_op.check_node(node, fix)
+            sys.stderr.writelines(line + "\n" for line in first.messages)
+            if first.corruptions_fixed or first.leaks_fixed:
+                if not args.quiet and args.output != "json":
+                    print(check_op.format_human(None, first), flush=True)
+                result = check_op.check_node(node)
+                sys.stderr.writelines(line + "\n" for line in result.messages)
+                result.corruptions_fixed = first.corruptions_fixed
+                result.leaks_fixed = first.leaks_fixed
     except check_op.CheckNotSupported as error:
         _print_error(str(error))
         return check_op.EXIT_NOT_SUPPORTED
-    for message in result.messages:
-        sys.stderr.write(message + "\n")
+    except CorefmtError as error:  # the check could not be completed
+        sys.stderr.writelines(line + "\n" for line in getattr(error, "check_messages", ()))
+        for report in getattr(error, "reports", [str(error)]):
+            _print_error(report)
+        return check_op.EXIT_CHECK_ERRORS
     if not args.quiet:
         if args.output == "json":
             print(check_op.format_json(result, node))
         else:
-            print(check_op.format_human(result, first if fix != CheckFix.NONE else None))
+            print(check_op.format_human(result))
+    if result.check_errors:
+        _print_error("Check failed")
     return check_op.exit_status(result)
 
 

@@ -42,14 +42,17 @@ def exit_status(result: CheckResult) -> int:
     return EXIT_CLEAN
 
 
-def format_human(result: CheckResult, repaired: CheckResult | None = None) -> str:
-    """qemu-img check's report (``repaired``: what the repairing pass fixed)."""
+def format_human(result: CheckResult | None, repaired: CheckResult | None = None) -> str:
+    """qemu-img check's report (``repaired``: what the repairing pass fixed;
+    ``result`` None: only that part, which qemu-img prints before it checks again)."""
     lines: list[str] = []
     if repaired is not None and (repaired.corruptions_fixed or repaired.leaks_fixed):
         lines += ["The following inconsistencies were found and repaired:", "",
                   f"    {repaired.leaks_fixed} leaked clusters",
                   f"    {repaired.corruptions_fixed} corruptions", "",
                   "Double checking the fixed image now..."]
+    if result is None:
+        return "\n".join(lines)
     if not (result.corruptions or result.leaks or result.check_errors):
         lines.append("No errors were found on the image.")
     else:

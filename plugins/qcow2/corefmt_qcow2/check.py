@@ -509,7 +509,7 @@ class _Checker:
         return rebuild
 
     def calculate_refcounts(self, fix: CheckFix) -> bool:
-        image, header = self.image, self.image.header
+        header = self.image.header
         self.inc_refcounts(0, self.cs)  # the header
         self.check_refcounts_l1(header.l1_table_offset, header.l1_size, True, fix, True)
         if self.data_file and header.nb_snapshots:
@@ -532,7 +532,6 @@ class _Checker:
             self.inc_refcounts(header.snapshots_offset, snapshots_size)
         self.inc_refcounts(self.refcounts.table_offset, len(self.refcounts.table) * 8)
         self.count_bitmaps()
-        del image
         return self.check_refblocks(fix)
 
     # -- comparing --------------------------------------------------------------------
