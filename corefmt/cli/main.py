@@ -308,6 +308,65 @@ class _MeasureNow(argparse.Action):
         setattr(namespace, self.dest, value)
 
 
+def cmd_amend(args: argparse.Namespace) -> int:
+    from corefmt.ops import amend as amend_op
+
+    if args.options is None:
+        raise UsageError("Must specify options (-o)")
+    progress = _AmendProgress() if args.progress and not args.quiet else None
+    try:
+        text = ",".join(args.options)
+        if args.format and amend_op.wants_help(text):
+            print(amend_op.amend_option_help(args.format))
+            return EXIT_OK
+        if len(args.filenames) != 1:
+            raise UsageError("Expecting one image file name")
+        help_text = amend_op.amend(_image(argparse.Namespace(filename=args.filenames[0],
+                                                             image_opts=args.image_opts),
+                                          "filename", args.format),
+                                   args.format, text, cache=args.cache, progress=progress,
+                                   allow_protocols=_protocols(args))
+        if help_text is not None:
+            print(help_text)
+        return EXIT_OK
+    finally:
+        if progress is not None:
+            progress.end()
+
+
+class _AmendProgress:
+    """qemu-img's simple progress ("    (12.34/100%)\\r" on stdout, a line
+    end when done), printed when it moved by more than a point or is 0 or 100."""
+
+    MIN_SKIP = 1.0
+
+    def __init__(self) -> None:
+        self.last = 0.0
+
+    def __call__(self, percent: float) -> None:
+        current = min(percent, 100.0)
+        if (current > self.last + self.MIN_SKIP or current < self.last - self.MIN_SKIP
+                or current in (0.0, 100.0)):
+            self.last = current
+            sys.stdout.write(f"    ({current:3.2f}/100%)\r")
+            sys.stdout.flush()
+
+    def end(self) -> None:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+class _OptionList(argparse.Action):
+    """-o checked as qemu-img's getopt loop does (accumulate_options)."""
+
+    def __call__(self, parser, namespace, value, option_string=None) -> None:
+        from corefmt.ops.measure import is_valid_option_list
+
+        if not is_valid_option_list(value):
+            raise UsageError(f"Invalid option list: {value}")
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest) or []), value])
+
+
 def cmd_io(args: argparse.Namespace) -> int:
     with open_chain(_image(args, "filename", args.format), args.format,
                     read_only=args.read_only, copy_on_read=args.copy_on_read,
@@ -416,6 +475,22 @@ def build_parser() -> argparse.ArgumentParser:
     measuring.add_argument("-U", "--force-share", action="store_true")
     measuring.add_argument("filenames", nargs="*", metavar="FILENAME")
     measuring.set_defaults(run=cmd_measure)
+
+    amending = verbs.add_parser("amend", help="change an image's format options in place")
+    amending.add_argument("-f", dest="format")
+    _add_image_opts(amending)
+    amending.add_argument("-o", dest="options", action=_OptionList,
+                          help="options key=value,... ('help' lists them)")
+    amending.add_argument("-p", dest="progress", action="store_true")
+    amending.add_argument("-q", dest="quiet", action="store_true")
+    amending.add_argument("-t", dest="cache", default="writeback",
+                          help="cache mode (default writeback)")
+    amending.add_argument("--force", action="store_true",
+                          help="accepted for qemu-img compatibility (encryption only there)")
+    amending.add_argument("--object", action="append", default=[],
+                          help="accepted for qemu-img compatibility (ignored)")
+    amending.add_argument("filenames", nargs="*", metavar="FILENAME")
+    amending.set_defaults(run=cmd_amend)
 
     io_verb = verbs.add_parser("io", help="run qemu-io style commands on an image")
     io_verb.add_argument("-f", dest="format")
