@@ -73,7 +73,7 @@ def run_child(argv: Sequence[str], *, stdin_text: str | None = None) -> Child:
     RSS, some 15-30 MiB: qemu-io's 8 MiB would read as 28. So the command
     runs under GNU time (``/usr/bin/time -f %M``) when it is installed:
     time forks it from its own 1 MiB process and reports its peak. Without
-    GNU time, the figure is wait4's and RSS_FLOOR says what it includes.
+    GNU time the figure is wait4's, and rss_method() prints its floor.
 
     Output goes to temporary files, not pipes, so a chatty child never
     blocks on a full pipe while this process waits in wait4.
@@ -110,7 +110,7 @@ def rss_method() -> str:
     floor = run_child(["true"]).peak_rss / MiB
     if USE_GNU_TIME:
         return f"peak RSS: GNU time's %M (a child doing nothing shows {floor:.1f} MiB)"
-    return (f"peak RSS: os.wait4 (no GNU time): every figure includes this process's "
+    return (f"peak RSS: os.wait4 (no GNU time): no figure reads below this process's "
             f"{floor:.1f} MiB; install 'time' for exact figures")
 
 
