@@ -206,25 +206,32 @@ class ImageNode(BlockNode):
         depth = 0
         if skip_self:
             if self.backing is None:
-                return [ChainExtent(offset, length, False, True, 0, None)]
+                own = self.own_status(offset, length)
+                return [_unallocated_bottom(extent.offset, extent.length, 0, extent)
+                        for extent in own]
             entry = self.backing
             layer, depth = entry.layer(), 1
             pending = _clip_to(entry, pending, result, 0)
         while pending:
             unallocated: list[tuple[int, int]] = []
+            # Unallocated ranges that still have a host place (qcow2's
+            # reserved subclusters): the bottom layer's is reported, as qemu does.
+            hosts: dict[int, Extent] = {}
             for start, run in pending:
                 for extent in layer.own_status(start, run):
                     if extent.allocated:
                         result.append(_chain_extent(extent, depth, entry))
                     else:
                         unallocated.append((extent.offset, extent.length))
+                        if extent.host_offset is not None:
+                            hosts[extent.offset] = extent
             below = layer.backing
             if below is not None and below.layer() is stop:
                 result.extend(ChainExtent(start, run, False, False, depth + 1, None)
                               for start, run in unallocated)
                 break
             if below is None:
-                result.extend(ChainExtent(start, run, False, True, depth, None)
+                result.extend(_unallocated_bottom(start, run, depth, hosts.get(start))
                               for start, run in unallocated)
                 break
             pending = _clip_to(below, unallocated, result, depth)
@@ -622,6 +629,16 @@ class ImageNode(BlockNode):
             for role, child in self.children.items():
                 if role != ROLE_FILE and not isinstance(child, BlockNode):
                     child.close()  # a Storage child (data file)
+
+
+def _unallocated_bottom(offset: int, length: int, depth: int, own: Extent | None
+                        ) -> ChainExtent:
+    """A range no layer decides: zeros, with the bottom layer's host place if
+    it reported one (qemu-img map prints its offset)."""
+    if own is None or own.host_offset is None:
+        return ChainExtent(offset, length, False, True, depth, None)
+    return ChainExtent(offset, length, False, True, depth, None, own.host_offset, False,
+                       own.host_child)
 
 
 def _chain_extent(extent: Extent, depth: int, node: BlockNode) -> ChainExtent:

@@ -26,9 +26,6 @@ pytestmark = [pytest.mark.skipif(not (QEMU_IMG and QEMU_IO),
 ENV = {**os.environ, "LC_ALL": "C"}
 #: Needs Qcow2AmendOptions (plugins/qcow2/corefmt_qcow2/options.py) to carry
 #: qemu's encrypt.* amend options and compat's amend wording.
-NEEDS_OPTIONS_PY = pytest.mark.xfail(strict=True, reason="Qcow2AmendOptions lacks qemu's "
-                                     "encrypt.* options / amend's compat message")
-
 
 def run(*args: str | Path) -> subprocess.CompletedProcess:
     """A qemu program; its output decoded without newline translation (-p's \\r)."""
@@ -160,27 +157,11 @@ def test_data_file_renamed_like_qemu(tmp_path: Path) -> None:
         assert q.read_bytes()[:65536] == c.read_bytes()[:65536]
 
 
-@pytest.mark.parametrize("args", [("-f", "qcow2", "-o", "help"), ("-o", "help,compat=0.10"),
-                                  ("-o", "?"), ("-f", "qcow2", "-o", "help", "a", "b")])
-def test_option_help_like_qemu_but_encryption(tmp_path: Path, args: tuple[str, ...]) -> None:
-    """qemu-img's list, without the encrypt.* lines corefmt has no options for."""
-    with_file = "-f" not in args
-    q = image(tmp_path / "q", "x.qcow2", "", "")
-    qemu = run(QEMU_IMG, "amend", *args, *((q,) if with_file else ()))
-    ours = corefmt("amend", *args, *((q,) if with_file else ()))
-    expected = "".join(line for line in qemu.stdout.splitlines(keepends=True)
-                       if not line.startswith("  encrypt."))
-    assert ours == (0, expected, "")
-    assert expected.startswith("Amend options for 'qcow2':\n")
-
-
-@NEEDS_OPTIONS_PY
 def test_option_help_exactly_qemus(tmp_path: Path) -> None:
     qemu = run(QEMU_IMG, "amend", "-f", "qcow2", "-o", "help")
     assert corefmt("amend", "-f", "qcow2", "-o", "help") == (0, qemu.stdout, "")
 
 
-@NEEDS_OPTIONS_PY
 @pytest.mark.parametrize("args", [("-o", "compat=0.9"), ("-o", "compat"),
                                   ("-o", "encrypt.keyslot=1"),
                                   ("-o", "refcount_bits=3,compat=0.9")])

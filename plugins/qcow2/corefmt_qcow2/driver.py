@@ -42,6 +42,8 @@ from corefmt_qcow2.refcount import set_refcount
 
 #: A new image: header, refcount table and one refcount block, as qemu lays it out.
 HEADER_CLUSTER, REFTABLE_CLUSTER, REFBLOCK_CLUSTER = 0, 1, 2
+#: qemu-img 7.2 writes the feature name table only into clusters bigger than this.
+FEATURE_TABLE_MIN_CLUSTER = 4096
 
 
 class Qcow2Driver(FormatDriver):
@@ -102,7 +104,7 @@ class Qcow2Driver(FormatDriver):
             read_below=lambda _offset, length: bytes(length), open_child=child))
         image.truncate(size)
         if options.preallocation != "off":
-            preallocate(image, options.preallocation, backing is not None)
+            preallocate(image, options.preallocation)
         image.flush()
         final.write(0, MAGIC)
 
@@ -138,7 +140,8 @@ def new_header(options: Qcow2CreateOptions, backing: BackingRef | None) -> Heade
         if compression != COMPRESSION_ZLIB:
             header.incompatible_features |= INCOMPAT_COMPRESSION
             header.compression_type = compression
-        header.set_extension(EXT_FEATURE_TABLE, feature_table())
+        if options.cluster_size > FEATURE_TABLE_MIN_CLUSTER:
+            header.set_extension(EXT_FEATURE_TABLE, feature_table())
     if backing is not None:
         header.backing_file = backing.path
         if backing.format:

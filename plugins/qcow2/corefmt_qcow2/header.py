@@ -182,10 +182,21 @@ def _read_extensions(header: Header, raw: bytes, path: str | None) -> None:
 def _check_features(header: Header, path: str | None) -> None:
     unknown = header.incompatible_features & ~INCOMPAT_KNOWN
     if unknown:
+        # As qemu's report_unsupported_feature: named bits by name, the
+        # unnamed rest as one mask.
         table = header.extension(EXT_FEATURE_TABLE)
-        names = ", ".join(feature_name(FEATURE_TYPE_INCOMPAT, bit, table.data if table else None)
-                          for bit in range(64) if unknown >> bit & 1)
-        raise ImageError(path, "qcow2 header", 72, f"Unsupported qcow2 feature(s): {names}")
+        names, unnamed = [], 0
+        for bit in range(64):
+            if unknown >> bit & 1:
+                name = feature_name(FEATURE_TYPE_INCOMPAT, bit, table.data if table else None)
+                if name is None:
+                    unnamed |= 1 << bit
+                else:
+                    names.append(name)
+        if unnamed:
+            names.append(f"Unknown incompatible feature: {unnamed:x}")
+        raise ImageError(path, "qcow2 header", 72,
+                         f"Unsupported qcow2 feature(s): {', '.join(names)}")
     if header.incompatible_features & INCOMPAT_COMPRESSION:
         if header.header_length <= COMPRESSION_TYPE_OFFSET:
             raise ImageError(path, "qcow2 header", 72, "compression type bit set but the "

@@ -76,6 +76,8 @@ from corefmt_qcow2.refcount import Refcounts
 #: A normal cluster whose refcount is not 1 (no COPIED flag): written by
 #: copying it first (internal snapshots share clusters this way).
 SHARED = 7
+#: An entry that cannot be right (see map_run's ``peek``).
+BAD = 8
 #: What a guest sees of each kind (block status merges these).
 STATUS_KIND = {UNALLOCATED_ALLOC: UNALLOCATED_PLAIN, SHARED: NORMAL}
 #: Clusters allocated in one go by a long write (convert writes 2 MiB requests).
@@ -137,9 +139,15 @@ class Qcow2Image(Image):
             header.refcount_table_clusters, refcount_cache_entries(cs, refcount_bytes),
             context.emit, self._set_refcount_table)
         lazy = getattr(options, "lazy_refcounts", None)
+        if lazy and header.version < VERSION_3:
+            raise ImageError(path, "qcow2 header", 4, "Lazy refcounts require a qcow2 image "
+                             "with at least qemu 1.1 compatibility level")
         self.lazy = header.version >= VERSION_3 and (
             bool(header.compatible_features & COMPAT_LAZY_REFCOUNTS) if lazy is None else lazy)
         self._barrier_pending = False
+        self._metadata_preallocated: bool | None = None
+        self._l1_version = 0
+        self._metadata: tuple[tuple[int, int], dict[int, str]] | None = None
         if not context.read_only:
             self._open_read_write()
 
@@ -211,25 +219,31 @@ class Qcow2Image(Image):
     # -- lookups ------------------------------------------------------------------------
     @property
     def _file_end(self) -> int:
-        return max(self.refcounts.high_water * self.cluster_size, self.storage.size())
+        """Where the image file ends, as far as metadata may point: its size
+        at open, grown with every allocation (no stat call per lookup)."""
+        return self.refcounts.high_water * self.cluster_size
 
     def l2_table_offset(self, l1_index: int) -> int:
         """The L2 table of an L1 entry (0: none), checked."""
+        offset, problem = self._l1_lookup(l1_index)
+        if problem:
+            raise self.signal_corruption(
+                "L1 table", self.header.l1_table_offset + l1_index * ENTRY.size, problem)
+        return offset
+
+    def _l1_lookup(self, l1_index: int) -> tuple[int, str | None]:
+        """(L2 table offset or 0, what is wrong with the entry or None)."""
         if l1_index >= len(self.l1):
-            return 0
+            return 0, None
         entry = self.l1[l1_index]
         offset = entry & OFFSET_MASK
         if not offset:
-            return 0
+            return 0, None
         if offset % self.cluster_size:
-            raise self.signal_corruption(
-                "L1 table", self.header.l1_table_offset + l1_index * ENTRY.size,
-                f"L2 table offset {offset:#x} unaligned (L1 index: {l1_index:#x})")
+            return offset, f"L2 table offset {offset:#x} unaligned (L1 index: {l1_index:#x})"
         if entry & L1_RESERVED or offset + self.cluster_size > self._file_end:
-            raise self.signal_corruption(
-                "L1 table", self.header.l1_table_offset + l1_index * ENTRY.size,
-                f"L2 table offset {offset:#x} invalid (L1 index: {l1_index:#x})")
-        return offset
+            return offset, f"L2 table offset {offset:#x} invalid (L1 index: {l1_index:#x})"
+        return offset, None
 
     def _read_entries(self, data: bytearray, index: int) -> tuple[int, int | None]:
         if self.extended:
@@ -247,22 +261,38 @@ class Qcow2Image(Image):
             return self._read_entries(handle.data, l2_index)
 
     def _kind(self, entry: int, bitmap: int | None, subcluster: int, cluster: int) -> int:
-        kind = l2.kind_of(entry, bitmap, subcluster)
-        if kind == INVALID:
-            raise self.signal_corruption(
-                "L2 table", None, f"Invalid cluster entry found (L2 entry: {entry:#x}, "
-                f"bitmap: {bitmap or 0:#x}, guest cluster {cluster})")
-        if kind in HAS_HOST and (entry & OFFSET_MASK) % self.cluster_size:
-            raise self.signal_corruption(
-                "L2 table", None, f"Cluster allocation offset {entry & OFFSET_MASK:#x} "
-                f"unaligned (guest cluster {cluster})")
-        if kind == NORMAL and not entry & OFLAG_COPIED:
-            return SHARED
+        kind, problem = self._classify(entry, bitmap, subcluster, cluster)
+        if problem:
+            raise self.signal_corruption("L2 table", None, problem)
         return kind
 
-    def map_run(self, offset: int, end: int) -> tuple[int, int | None, int]:
+    def _classify(self, entry: int, bitmap: int | None, subcluster: int, cluster: int
+                  ) -> tuple[int, str | None]:
+        """(kind, what is wrong with the entry or None)."""
+        kind = l2.kind_of(entry, bitmap, subcluster, self.has_data_file)
+        if kind == INVALID:
+            return kind, (f"Invalid cluster entry found (L2 entry: {entry:#x}, "
+                          f"bitmap: {bitmap or 0:#x}, guest cluster {cluster})")
+        if kind in HAS_HOST and (entry & OFFSET_MASK) % self.cluster_size:
+            return kind, (f"Cluster allocation offset {entry & OFFSET_MASK:#x} "
+                          f"unaligned (guest cluster {cluster})")
+        if (kind in HAS_HOST and not self.has_data_file
+                and (entry & OFFSET_MASK) + self.cluster_size > self._file_end):
+            # Nothing is allocated past the file and its last refcount.
+            return kind, (f"Cluster allocation offset {entry & OFFSET_MASK:#x} past the end "
+                          f"of the image file (guest cluster {cluster})")
+        if kind == NORMAL and not entry & OFLAG_COPIED:
+            return SHARED, None
+        return kind, None
+
+    def map_run(self, offset: int, end: int, *, peek: bool = False
+                ) -> tuple[int, int | None, int]:
         """The run from ``offset`` (to at most ``end``) of one kind whose host
-        bytes are contiguous: (kind, host offset of ``offset`` or None, length)."""
+        bytes are contiguous: (kind, host offset of ``offset`` or None, length).
+
+        A bad entry at ``offset`` raises (and marks the image corrupt); with
+        ``peek`` it comes back as a ``BAD`` run instead (block status: only
+        a read of that range fails, as in qemu)."""
         cs, scs, epl = self.cluster_size, self.subcluster_size, self.l2_entries
         run_kind: int | None = None
         run_host: int | None = None
@@ -270,7 +300,14 @@ class Qcow2Image(Image):
         while position < end:
             cluster = position // cs
             l1_index = cluster // epl
-            table = self.l2_table_offset(l1_index)
+            if run_kind is None and not peek:
+                table = self.l2_table_offset(l1_index)
+            else:  # past the start: a bad entry ends the run, it is reported when read
+                table, problem = self._l1_lookup(l1_index)
+                if problem:
+                    if run_kind is None:
+                        return BAD, None, min(end, (l1_index + 1) * epl * cs) - offset
+                    break
             if not table:
                 if run_kind is None:
                     run_kind = UNALLOCATED_PLAIN
@@ -286,16 +323,23 @@ class Qcow2Image(Image):
                     base = cluster * cs
                     if bitmap is not None and not entry & l2.OFLAG_COMPRESSED:
                         subcluster = (position - base) // scs
-                        kind = self._kind(entry, bitmap, subcluster, cluster)
                         piece_end = min(end, base + (subcluster + 1) * scs)
                     else:
-                        kind = self._kind(entry, None, 0, cluster)
+                        subcluster, bitmap = 0, None
                         piece_end = min(end, base + cs)
+                    if run_kind is None and not peek:
+                        kind = self._kind(entry, bitmap, subcluster, cluster)
+                    else:
+                        kind, problem = self._classify(entry, bitmap, subcluster, cluster)
+                        if problem:
+                            if run_kind is None:
+                                return BAD, None, piece_end - offset
+                            return run_kind, run_host, position - offset
                     host = (entry & OFFSET_MASK) + position - base if kind in (
-                        NORMAL, SHARED, ZERO_ALLOC) else None
+                        NORMAL, SHARED, ZERO_ALLOC, UNALLOCATED_ALLOC) else None
                     if run_kind is None:
                         run_kind, run_host = kind, host
-                    elif _breaks_run(run_kind, kind) or (
+                    elif _breaks_run(run_kind, kind) or (host is None) != (run_host is None) or (
                             host is not None and host != run_host + (position - offset)):
                         return run_kind, run_host, position - offset
                     position = piece_end
@@ -310,17 +354,19 @@ class Qcow2Image(Image):
 
     def block_status(self, offset: int, length: int) -> Extent:
         end = min(offset + length, self.virtual_size)
-        kind, host, run = self.map_run(offset, end)
+        kind, host, run = self.map_run(offset, end, peek=True)
         kind = STATUS_KIND.get(kind, kind)
+        if kind == BAD:  # reported as data: reading it gives the error
+            return Extent(offset, run, data=True, zero=False, allocated=True)
         if kind == NORMAL:
-            if self.has_data_file:  # qemu does not look into a data file's holes
-                return Extent(offset, run, data=True, zero=False, allocated=True,
-                              host_offset=host, host_child=self.data_child)
-            # As qemu: a stored cluster over a hole of the image file reads as
-            # zeros, and map says so.
-            is_data, host_run = self.storage.data_run(host, run)
-            return Extent(offset, min(run, max(host_run, 1)), data=True, zero=not is_data,
-                          allocated=True, host_offset=host)
+            is_data = True
+            if self.metadata_preallocated:
+                # As qemu: a stored cluster over a hole of the host file reads
+                # as zeros, and map says so.
+                is_data, host_run = self.data.data_run(host, run)
+                run = min(run, max(host_run, 1))
+            return Extent(offset, run, data=True, zero=not is_data, allocated=True,
+                          host_offset=host, host_child=self.data_child)
         if kind == COMPRESSED:
             return Extent(offset, run, data=True, zero=False, allocated=True, compressed=True)
         if kind == ZERO_ALLOC:
@@ -328,7 +374,28 @@ class Qcow2Image(Image):
                           host_child=self.data_child)
         if kind == ZERO_PLAIN:
             return Extent(offset, run, data=False, zero=True, allocated=True)
+        if host is not None:  # reserved subclusters: reads go below; qemu maps the host place
+            return Extent(offset, run, data=False, zero=False, allocated=False,
+                          host_offset=host, host_child=self.data_child)
         return Extent(offset, run, data=False, zero=False, allocated=False)
+
+    @property
+    def metadata_preallocated(self) -> bool:
+        """Whether the image looks preallocated with metadata only, so that
+        block status asks the host file about holes under stored clusters
+        (qemu's qcow2_detect_metadata_preallocation: more refcounted clusters
+        than the image file really occupies, by a ninth and at least two)."""
+        if self._metadata_preallocated is None:
+            real = self.storage.allocated_size()
+            if real is None:
+                self._metadata_preallocated = False
+            else:
+                real_clusters = real // self.cluster_size
+                threshold = max(real_clusters * 10 // 9, real_clusters + 2)
+                clusters = div_round_up(self.storage.size(), self.cluster_size)
+                self._metadata_preallocated = self.refcounts.count_used(
+                    clusters, threshold) >= threshold
+        return self._metadata_preallocated
 
     def readinto(self, offset: int, buf: memoryview) -> None:
         done, total = 0, len(buf)
@@ -406,6 +473,7 @@ class Qcow2Image(Image):
         while done < total:
             kind, host, run = self.map_run(offset + done, offset + total)
             if kind == NORMAL:
+                self.check_overlap(host, run)
                 self.data.write(host, view[done:done + run])
                 done += run
                 continue
@@ -461,6 +529,7 @@ class Qcow2Image(Image):
         l2_table = self.writable_l2(first // epl)
         host = self.allocate_data(first, count)
         self.context.emit(events.CLUSTER_ALLOC)
+        self.check_overlap(host + region_start - first * cs, len(buffer))
         self.data.write(host + region_start - first * cs, buffer)
         self._order_data_before_l2(allocated=True)
         with self.l2_cache.get(l2_table) as handle:
@@ -512,6 +581,7 @@ class Qcow2Image(Image):
         if self.has_data_file:
             host, reuse = cluster * cs, True
         self.context.emit(events.COW_WRITE)
+        self.check_overlap(host + start, len(content))
         self.data.write(host + start, content)
         self._order_data_before_l2(allocated=not reuse)
         new_bitmap = None
@@ -525,6 +595,10 @@ class Qcow2Image(Image):
             self.set_entry(handle, cluster % self.l2_entries, host | OFLAG_COPIED, new_bitmap)
         if not reuse:
             self._free_entry(entry, cluster)
+
+    def _has_host(self, entry: int) -> bool:
+        """Whether an uncompressed entry names a host cluster (see kind_of)."""
+        return bool(entry & OFFSET_MASK) or (self.has_data_file and bool(entry & OFLAG_COPIED))
 
     def set_entry(self, handle: Any, index: int, entry: int, bitmap: int | None) -> None:
         if self.extended:
@@ -598,11 +672,52 @@ class Qcow2Image(Image):
             self._free_clusters(table, 1)
         return new
 
+    def _metadata_places(self) -> dict[int, str]:
+        """Cluster -> the metadata structure in it (rebuilt when L1 or the
+        refcount layout changes)."""
+        version = (self._l1_version, self.refcounts.layout_version)
+        if self._metadata is None or self._metadata[0] != version:
+            cs = self.cluster_size
+            places: dict[int, str] = {0: "qcow2_header"}
+            header = self.header
+            for what, offset, length in (
+                    ("active L1 table", header.l1_table_offset, len(self.l1) * ENTRY.size),
+                    ("refcount table", self.refcounts.table_offset,
+                     self.refcounts.table_clusters * cs),
+                    ("snapshot table", header.snapshots_offset,
+                     1 if header.nb_snapshots else 0)):
+                if length:
+                    for cluster in range(offset // cs, (offset + length - 1) // cs + 1):
+                        places[cluster] = what
+            for entry in self.refcounts.table:
+                if entry & ~0x1FF:
+                    places[(entry & ~0x1FF) // cs] = "refcount block"
+            for entry in self.l1:
+                if entry & OFFSET_MASK:
+                    places[(entry & OFFSET_MASK) // cs] = "active L2 table"
+            self._metadata = (version, places)
+        return self._metadata[1]
+
+    def check_overlap(self, host: int, length: int) -> None:
+        """No data write lands on metadata (qemu's qcow2_pre_write_overlap_check,
+        its default checks): such an L2 entry is impossible, the image corrupt."""
+        if self.has_data_file or not length:
+            return
+        places = self._metadata_places()
+        cs = self.cluster_size
+        clusters = range(host // cs, (host + length - 1) // cs + 1)
+        if places.keys().isdisjoint(clusters):
+            return
+        what = next(places[cluster] for cluster in clusters if cluster in places)
+        raise self.signal_corruption("data cluster", host, "Preventing invalid write on "
+                                     f"metadata (overlaps with {what})")
+
     def set_l1(self, l1_index: int, value: int) -> None:
         self.context.emit(events.L1_UPDATE)
         self.storage.write(self.header.l1_table_offset + l1_index * ENTRY.size,
                            ENTRY.pack(value))
         self.l1[l1_index] = value
+        self._l1_version += 1
 
     # -- zeroing and discarding -----------------------------------------------------------
     def supports(self, capability: str) -> bool:
@@ -636,7 +751,7 @@ class Qcow2Image(Image):
     def _zero_cluster(self, cluster: int, unmap: bool) -> None:
         entry, bitmap = self.entry(cluster)
         compressed = bool(entry & l2.OFLAG_COMPRESSED)
-        allocated = compressed or bool(entry & OFFSET_MASK)
+        allocated = compressed or self._has_host(entry)
         drop = compressed or (unmap and allocated and not self.data_file_raw)
         new_entry = 0 if drop else entry
         if self.extended:
@@ -676,12 +791,14 @@ class Qcow2Image(Image):
         with self.lock:
             for cluster in range(offset // cs, div_round_up(offset + length, cs)):
                 self._discard_cluster(cluster)
+        if self.data_file_raw:  # the data file must read as the disk does: zeros
+            self.data.write_zeroes(offset, length, unmap=True)
 
     def _discard_cluster(self, cluster: int) -> None:
         entry, bitmap = self.entry(cluster)
         compressed = bool(entry & l2.OFLAG_COMPRESSED)
-        allocated = compressed or bool(entry & OFFSET_MASK)
-        kind = l2.kind_of(entry, None)
+        allocated = compressed or self._has_host(entry)
+        kind = l2.kind_of(entry, None, 0, self.has_data_file)
         if kind == UNALLOCATED_PLAIN and not allocated and self.backing is None and not bitmap:
             return
         if kind == ZERO_PLAIN and not self.extended:
@@ -776,6 +893,7 @@ class Qcow2Image(Image):
         self.header.l1_table_offset, self.header.l1_size = new, entries
         self.write_header()
         self.l1 = table
+        self._l1_version += 1
         if old_size:
             old_clusters = div_round_up(old_size * ENTRY.size, cs)
             self._free_clusters(old_offset, old_clusters)
@@ -795,3 +913,13 @@ class Qcow2Image(Image):
         from corefmt_qcow2.info import format_specific
 
         return format_specific(self)
+
+    # -- amend --------------------------------------------------------------------------
+    def amend(self, options: Any, progress: Any = None, *, size: int | None = None,
+              backing: tuple[str | None, str | None] | None = None) -> None:
+        """qemu-img amend (corefmt_qcow2.amend)."""
+        from corefmt_qcow2.amend import amend
+
+        self._check_writable()
+        with self.lock:
+            amend(self, options, progress, size=size, backing=backing)

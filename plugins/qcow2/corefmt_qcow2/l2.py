@@ -41,11 +41,15 @@ def is_copied(entry: int) -> bool:
     return bool(entry & OFLAG_COPIED)
 
 
-def kind_of(entry: int, bitmap: int | None, subcluster: int = 0) -> int:
-    """The kind of a cluster (``bitmap`` None) or of one subcluster."""
+def kind_of(entry: int, bitmap: int | None, subcluster: int = 0, data_file: bool = False) -> int:
+    """The kind of a cluster (``bitmap`` None) or of one subcluster.
+
+    With an external data file, host offset 0 is a real place: clusters
+    there always have refcount 1, so COPIED tells "at 0" from "none" (qemu's
+    qcow2_get_cluster_type)."""
     if entry & OFLAG_COMPRESSED:
         return COMPRESSED
-    host = entry & OFFSET_MASK
+    host = bool(entry & OFFSET_MASK) or (data_file and bool(entry & OFLAG_COPIED))
     if bitmap is None:
         if entry & OFLAG_ZERO:
             return ZERO_ALLOC if host else ZERO_PLAIN

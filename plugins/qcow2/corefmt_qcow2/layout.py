@@ -248,8 +248,9 @@ def feature_table() -> bytes:
                     for kind, bit, name in FEATURE_NAMES)
 
 
-def feature_name(kind: int, bit: int, table: bytes | None) -> str:
-    """The name an image's own feature table gives a bit, else qemu's."""
+def feature_name(kind: int, bit: int, table: bytes | None) -> str | None:
+    """The name an image's own feature table gives a bit, else qemu's (None:
+    nobody named it)."""
     if table:
         for start in range(0, len(table) - FEATURE_ENTRY.size + 1, FEATURE_ENTRY.size):
             entry_kind, entry_bit, raw = FEATURE_ENTRY.unpack_from(table, start)
@@ -258,7 +259,7 @@ def feature_name(kind: int, bit: int, table: bytes | None) -> str:
     for entry_kind, entry_bit, name in FEATURE_NAMES:
         if (entry_kind, entry_bit) == (kind, bit):
             return name
-    return f"Unknown incompatible feature: {1 << bit:x}"
+    return None
 
 
 def align_up(value: int, alignment: int) -> int:

@@ -111,7 +111,9 @@ class Qcow2CreateOptions:
         """The combinations qemu-img 7.2 refuses, with its messages."""
         if self.version == VERSION_2:
             if self.refcount_bits != DEFAULT_REFCOUNT_BITS:
-                raise OptionError("Different refcount widths than 16 bits require " + V3_REQUIRED)
+                raise OptionError("Different refcount widths than 16 bits require "
+                                  "compatibility level 1.1 or above (use version=v3 or "
+                                  "greater)")
             if self.extended_l2:
                 raise OptionError("Extended L2 entries are only supported with " + V3_REQUIRED)
             if self.data_file:
@@ -151,10 +153,37 @@ class Qcow2OpenOptions:
                                    "image's)", key="data-file")
 
 
+def _amend_compat(value: Any) -> str | None:
+    if value is not None and str(value) not in COMPAT_VERSIONS:
+        raise OptionError(f"Unknown compatibility level {value}")
+    return None if value is None else str(value)
+
+
+def _amend_encrypt(key: str, help: str, kind: str = "str") -> Any:
+    """qemu's LUKS amend options: corefmt opens no encrypted image, so any
+    value is refused as qemu refuses it for an unencrypted one."""
+    def refuse(value: Any) -> None:
+        if value is not None:  # a converter: checked in field order, before compat's
+            raise OptionError("Can't amend encryption options - encryption not present")
+    return option(None, help, converter=refuse, kind=kind, key=key)
+
+
 @attrs.frozen
 class Qcow2AmendOptions:
+    # qemu checks these first (its option list starts with them).
+    encrypt_state: str | None = _amend_encrypt(
+        "encrypt.state", "Select new state of affected keyslots (active/inactive)")
+    encrypt_keyslot: str | None = _amend_encrypt(
+        "encrypt.keyslot", "Select a single keyslot to modify explicitly", "num")
+    encrypt_old_secret: str | None = _amend_encrypt(
+        "encrypt.old-secret", "Select all keyslots that match this password")
+    encrypt_new_secret: str | None = _amend_encrypt(
+        "encrypt.new-secret", "New secret to set in the matching keyslots. Empty string to "
+        "erase")
+    encrypt_iter_time: str | None = _amend_encrypt(
+        "encrypt.iter-time", "Time to spend in PBKDF in milliseconds", "num")
     compat: str | None = option(None, "Compatibility level (v2 [0.10] or v3 [1.1])",
-                                converter=lambda value: None if value is None else _compat(value))
+                                converter=_amend_compat)
     data_file: str | None = option(None, "File name of an external data file")
     data_file_raw: bool | None = option(
         None, "The external data file must stay valid as a raw image",

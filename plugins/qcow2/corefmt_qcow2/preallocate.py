@@ -5,22 +5,19 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from corefmt_qcow2 import l2
 from corefmt_qcow2.layout import OFLAG_COPIED, div_round_up
 
 if TYPE_CHECKING:
     from corefmt_qcow2.image import Qcow2Image
 
 
-def preallocate(image: Qcow2Image, mode: str, has_backing: bool) -> None:
-    """Map every cluster of the (new, empty) image. With a backing file
-    (extended L2 only) the subclusters stay unallocated: the clusters are
-    reserved, the data still comes from below, as qemu does."""
+def preallocate(image: Qcow2Image, mode: str) -> None:
+    """Map every cluster of the (new, empty) image. With extended L2 entries
+    the subclusters stay unallocated, as qemu 7.2 leaves them: the clusters
+    are reserved, reads still go below (to the backing file, or zeros)."""
     cs, epl = image.cluster_size, image.l2_entries
     clusters = div_round_up(image.virtual_size, cs)
-    bitmap = None
-    if image.extended:
-        bitmap = 0 if has_backing else l2.ALL_ALLOCATED
+    bitmap = 0 if image.extended else None
     ranges: list[tuple[int, int]] = []
     with image.lock:
         for l1_index in range(div_round_up(clusters, epl)):

@@ -22,10 +22,6 @@ from corefmt_qcow2 import events
 from corefmt_qcow2.events import EventStorage
 from corefmt_qcow2.layout import ENTRY, REFCOUNT_TABLE_OFFSET_MASK, div_round_up
 
-#: Events (``context.emit``), named as qemu's blkdebug names them.
-EVENT_REFBLOCK_ALLOC = "refblock_alloc"
-EVENT_REFTABLE_GROW = "reftable_grow"
-EVENT_REFTABLE_UPDATE = "reftable_update"
 #: Quarantined clusters are let go by a flush; past this many the caller flushes.
 QUARANTINE_LIMIT = 4096
 #: Room a grown refcount table leaves for more blocks (qemu grows by half).
@@ -57,6 +53,22 @@ def set_refcount(data: bytearray, index: int, bits: int, value: int) -> None:
     data[index // per_byte] = (data[index // per_byte] & ~mask) | (value << shift)
 
 
+def _nonzero_fields_table(bits: int) -> bytes:
+    """byte -> how many of its ``bits``-wide fields are not zero."""
+    mask = (1 << bits) - 1
+    return bytes(sum(1 for shift in range(0, 8, bits) if value >> shift & mask)
+                 for value in range(256))
+
+
+def count_nonzero(data: bytes | bytearray, bits: int) -> int:
+    """How many refcounts in a block are not zero (C loops, not Python ones)."""
+    if bits < 8:
+        return sum(bytes(data).translate(_nonzero_fields_table(bits)))
+    code = {8: "B", 16: "H", 32: "I", 64: "Q"}[bits]
+    words = memoryview(bytes(data)).cast(code)
+    return len(words) - words.tolist().count(0)
+
+
 class Refcounts:
     """The image's refcounts and its free-space allocator."""
 
@@ -79,6 +91,8 @@ class Refcounts:
             cluster_size, cache_entries)
         self._emit = emit
         self._set_table = set_table
+        #: Bumped when the table moves or gains a block (metadata places change).
+        self.layout_version = 0
         #: Clusters freed since the last flush: not reused before it.
         self.quarantine: set[int] = set()
         #: Clusters being allocated right now: their refcount is not set yet.
@@ -91,14 +105,24 @@ class Refcounts:
     def _last_counted(self) -> int:
         """The last cluster with a refcount: after a crash or a failed write
         refcounts can reach past the end of the file (-1: none)."""
+        scanned: set[int] = set()  # a hostile table may name one block many times
         for block_index in range(len(self.table) - 1, -1, -1):
             offset = self.table[block_index] & REFCOUNT_TABLE_OFFSET_MASK
-            if not offset or offset % self.cluster_size:
+            if not offset or offset % self.cluster_size or offset in scanned:
                 continue
-            data = self.storage.read(offset, self.cluster_size)
-            for index in range(self.entries_per_block - 1, -1, -1):
-                if get_refcount(data, index, self.bits):
-                    return block_index * self.entries_per_block + index
+            scanned.add(offset)
+            data = self.storage.read(offset, self.cluster_size).rstrip(b"\0")
+            if not data:
+                continue
+            last_byte = len(data) - 1
+            if self.bits >= 8:
+                index = last_byte // (self.bits // 8)
+            else:
+                per_byte = 8 // self.bits
+                index = last_byte * per_byte + per_byte - 1
+                while not get_refcount(data, index, self.bits):
+                    index -= 1
+            return block_index * self.entries_per_block + index
         return -1
 
     # -- lookups ----------------------------------------------------------------------
@@ -113,8 +137,7 @@ class Refcounts:
                                      self.table_offset + block_index * ENTRY.size,
                                      f"reserved bits set in entry {entry:#x}")
         if offset and (offset % self.cluster_size
-                       or offset + self.cluster_size > max(self.storage.size(),
-                                                           self.high_water * self.cluster_size)):
+                       or offset + self.cluster_size > self.high_water * self.cluster_size):
             raise RefcountCorruption(
                 self.path, "refcount table", self.table_offset + block_index * ENTRY.size,
                 f"refcount block {block_index} at {offset:#x} is not a valid cluster")
@@ -127,6 +150,25 @@ class Refcounts:
             return 0
         with self.cache.get(offset) as handle:
             return get_refcount(handle.data, index, self.bits)
+
+    def count_used(self, clusters: int, limit: int) -> int:
+        """Clusters below ``clusters`` with a refcount, counting stops at ``limit``."""
+        count = 0
+        for block_index in range(div_round_up(clusters, self.entries_per_block)):
+            offset = self.block_offset(block_index)
+            if not offset:
+                continue
+            with self.cache.get(offset) as handle:
+                data = bytes(handle.data)
+            first = block_index * self.entries_per_block
+            if first + self.entries_per_block > clusters:
+                count += sum(1 for index in range(clusters - first)
+                             if get_refcount(data, index, self.bits))
+            else:
+                count += count_nonzero(data, self.bits)
+            if count >= limit:
+                break
+        return count
 
     def _is_free(self, cluster: int) -> bool:
         return (cluster not in self.quarantine and cluster not in self._reserved
@@ -209,7 +251,7 @@ class Refcounts:
         offset = self.block_offset(block_index)
         if offset:
             return offset
-        self._emit(EVENT_REFBLOCK_ALLOC)
+        self._emit(events.REFBLOCK_ALLOC)
         new = self._find_free(1)
         self._reserved.add(new)
         self.high_water = max(self.high_water, new + 1)
@@ -225,7 +267,8 @@ class Refcounts:
             self.storage.write(new_offset, block)
             self.storage.flush()
             self.table[block_index] = new_offset
-            self._emit(EVENT_REFTABLE_UPDATE)
+            self.layout_version += 1
+            self._emit(events.REFTABLE_UPDATE)
             self.storage.write(self.table_offset + block_index * ENTRY.size,
                                ENTRY.pack(new_offset))
         finally:
@@ -237,7 +280,7 @@ class Refcounts:
     def _grow_table(self, min_entries: int) -> None:
         """Move the refcount table to the end of the file, bigger; new refcount
         blocks for the area it takes are laid down with it (self-describing)."""
-        self._emit(EVENT_REFTABLE_GROW)
+        self._emit(events.REFTABLE_GROW)
         cs, per_block = self.cluster_size, self.entries_per_block
         self.cache.flush(storage=True)  # blocks on disk before they are read for the move
         start = max(self.high_water, div_round_up(self.storage.size(), cs))
@@ -281,6 +324,7 @@ class Refcounts:
             self.table = old
             raise
         self.table_offset, self.table_clusters = new_table_offset, table_clusters
+        self.layout_version += 1
         # Nothing points at the old table any more: its clusters are free now.
         for cluster in range(old_offset // cs, old_offset // cs + old_clusters):
             if self.update(cluster, -1) == 0:
