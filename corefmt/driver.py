@@ -97,6 +97,10 @@ class ImageContext:
     emit: Callable[[str], None] = _no_event
     #: The format was probed, not given: raw then guards its first sector.
     probed: bool = False
+    #: Opened by ``check``: repair nothing on your own at open (check will
+    #: report it), and a read-write open for repair may take an image that is
+    #: otherwise refused read-write (qemu's BDRV_O_CHECK).
+    for_check: bool = False
 
 
 @attrs.frozen

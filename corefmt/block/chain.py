@@ -112,13 +112,15 @@ class GraphBuilder:
 
     def __init__(self, registry: Registry, *, direct: bool = False,
                  max_depth: int = MAX_CHAIN_DEPTH,
-                 allow_protocols: Collection[str] = (), force_share: bool = False):
+                 allow_protocols: Collection[str] = (), force_share: bool = False,
+                 for_check: bool = False):
         self.registry = registry
         self.direct = direct
         self.max_depth = max_depth
         self.allow_protocols = frozenset(allow_protocols)
         self.no_flush = False
         self.force_share = force_share
+        self.for_check = for_check
         self.hooks = plugins.plugin_manager().hook
         self.opened: list[BlockNode] = []
         #: Image nodes whose spec gave no backing: their recorded one is opened.
@@ -215,7 +217,7 @@ class GraphBuilder:
                 probed=probed,
                 open_child=lambda role, path, format=None, **kw: self.open_child(
                     node, role, path, format=format, override=overrides.get(role), **kw),
-                emit=node.emit)
+                emit=node.emit, for_check=self.for_check)
 
         node.attach(driver.open(storage, context_in(read_only)))
         node._reopener = Reopener(
@@ -396,7 +398,7 @@ def open_graph(image: str | Mapping[str, Any], format: str | None = None, *,
                direct: bool = False, options: Mapping[str, Any] | None = None,
                registry: Registry | None = None,
                max_depth: int = MAX_CHAIN_DEPTH, allow_protocols: Collection[str] = (),
-               force_share: bool = False) -> BlockNode:
+               force_share: bool = False, for_check: bool = False) -> BlockNode:
     """Open an image (filename, ``json:`` name or spec dict) with its graph.
 
     ``copy_on_read`` puts a copy-on-read filter (sync mode) on top.
@@ -411,7 +413,8 @@ def open_graph(image: str | Mapping[str, Any], format: str | None = None, *,
     if force_share and not read_only:
         raise OptionError("force-share=on can only be used with read-only images")
     builder = GraphBuilder(registry, direct=direct, max_depth=max_depth,
-                           allow_protocols=allow_protocols, force_share=force_share)
+                           allow_protocols=allow_protocols, force_share=force_share,
+                           for_check=for_check)
     return builder.build(spec, read_only=read_only, backing=backing)
 
 
@@ -427,12 +430,15 @@ def open_chain(path: str | Mapping[str, Any], format: str | None = None, *,
                direct: bool = False, registry: Registry | None = None,
                max_depth: int = MAX_CHAIN_DEPTH,
                options: Mapping[str, Any] | None = None,
-               allow_protocols: Collection[str] = (), force_share: bool = False) -> BlockNode:
-    """Open ``path`` and (unless ``backing`` is False) every image below it."""
+               allow_protocols: Collection[str] = (), force_share: bool = False,
+               for_check: bool = False) -> BlockNode:
+    """Open ``path`` and (unless ``backing`` is False) every image below it
+    (``for_check``: for ``check``, see ``ImageContext.for_check``)."""
     return open_graph(path, format, read_only=read_only, backing=backing,
                       copy_on_read=copy_on_read, direct=direct, options=options,
                       registry=registry, max_depth=max_depth,
-                      allow_protocols=allow_protocols, force_share=force_share)
+                      allow_protocols=allow_protocols, force_share=force_share,
+                      for_check=for_check)
 
 
 __all__ = ["ROLE_BACKING", "GraphBuilder", "open_chain", "open_graph", "open_node",

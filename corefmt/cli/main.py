@@ -239,7 +239,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     try:
         with open_chain(_image(args, "filename", args.format), args.format,
                         read_only=fix == CheckFix.NONE, backing=False,
-                        allow_protocols=_protocols(args),
+                        allow_protocols=_protocols(args), for_check=True,
                         force_share=args.force_share and fix == CheckFix.NONE) as node:
             # As qemu-img: the repairing run's messages, then (if it fixed
             # anything) a second run's, whose report carries the fixed counts.

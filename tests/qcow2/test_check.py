@@ -416,9 +416,6 @@ CLEANER_THAN_QEMU = {
 #: closes it (new directory and tables: the file grows), corefmt leaves them
 #: as they are: after a repair both images are compared for being clean only.
 BITMAPS_REWRITTEN = {"bitmaps"}
-#: Dirty images: corefmt's read-write open repairs them before check -r runs
-#: (qemu-img check opens with BDRV_O_CHECK, which skips that repair).
-OPEN_REPAIRS = {("dirty", None)}
 
 
 @pytest.fixture(scope="module")
@@ -450,13 +447,7 @@ def _repair_cases() -> list:
     cases = []
     for case in CASES:
         for mode in ("leaks", "all"):
-            marks = []
-            if case in OPEN_REPAIRS:
-                marks.append(pytest.mark.xfail(strict=True, reason=(
-                    "image.py repairs a dirty image when it opens it read-write, before "
-                    "check -r runs: corefmt reports nothing to repair (qemu-img check opens "
-                    "with BDRV_O_CHECK and repairs in the check)")))
-            cases.append(pytest.param(case, mode, marks=marks, id=f"{case_id(case)}-{mode}"))
+            cases.append(pytest.param(case, mode, id=f"{case_id(case)}-{mode}"))
     return cases
 
 
@@ -513,9 +504,6 @@ def test_dirty_image_is_repaired_when_opened_read_write(images, tmp_path):
     assert qemu_img("compare", by_qemu, by_corefmt).returncode == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "image.py refuses to open an image marked corrupt read-write, also for check -r "
-    "(qemu-img check opens it with BDRV_O_CHECK, which allows that)"))
 def test_corruption_repair_clears_the_corrupt_bit(images, tmp_path):
     """An image qemu marked corrupt (incompatible bit 1) is opened read-write
     by check -r, and the bit cleared once nothing is left to repair."""

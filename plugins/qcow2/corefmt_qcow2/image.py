@@ -108,7 +108,8 @@ class Qcow2Image(Image):
         self.request_alignment = 1
         self.compressed = CompressedLayout(header.cluster_bits)
         self._decompressed: tuple[int, bytes] | None = None
-        if header.incompatible_features & INCOMPAT_CORRUPT and not context.read_only:
+        if (header.incompatible_features & INCOMPAT_CORRUPT and not context.read_only
+                and not context.for_check):
             raise ImageError(path, "qcow2 header", 72,
                              "qcow2: Image is corrupt; cannot be opened read/write")
         self.corrupt = bool(header.incompatible_features & INCOMPAT_CORRUPT)
@@ -128,16 +129,17 @@ class Qcow2Image(Image):
                                   and header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW)
         l1_raw = storage.read(header.l1_table_offset, header.l1_size * ENTRY.size)
         self.l1 = [value for (value,) in ENTRY.iter_unpack(l1_raw)]
-        self.l1_lock = sync.Lock()
         self.lock = sync.Lock()  # every metadata change, one at a time
+        self._refcounts_lock = sync.Lock()
         l2_bytes, refcount_bytes = self._cache_sizes(options)
         self.l2_cache = MetadataCache(
             "qcow2 L2 tables", EventStorage(storage, context.emit, events.L2_UPDATE), cs,
             l2_cache_entries(header.size, cs, l2_bytes, entry_bytes=self.entry_size))
-        self.refcounts = Refcounts(
-            storage, path, cs, header.refcount_bits, header.refcount_table_offset,
-            header.refcount_table_clusters, refcount_cache_entries(cs, refcount_bytes),
-            context.emit, self._set_refcount_table)
+        self._refcount_cache_entries = refcount_cache_entries(cs, refcount_bytes)
+        self._open_file_end = -(-file_size // cs) * cs
+        self._refcounts: Refcounts | None = None
+        if not context.read_only:
+            self._refcounts = self._load_refcounts()
         lazy = getattr(options, "lazy_refcounts", None)
         if lazy and header.version < VERSION_3:
             raise ImageError(path, "qcow2 header", 4, "Lazy refcounts require a qcow2 image "
@@ -152,6 +154,27 @@ class Qcow2Image(Image):
             self._open_read_write()
 
     # -- opening ----------------------------------------------------------------------
+    def _load_refcounts(self) -> Refcounts:
+        header = self.header
+        return Refcounts(self.storage, self.context.path, self.cluster_size,
+                         header.refcount_bits, header.refcount_table_offset,
+                         header.refcount_table_clusters, self._refcount_cache_entries,
+                         self.context.emit, self._set_refcount_table)
+
+    @property
+    def refcounts(self) -> Refcounts:
+        """The refcounts: read at a read-write open, at first use read-only
+        (reading a chain of overlays never touches them)."""
+        if self._refcounts is None:
+            with self._refcounts_lock:
+                if self._refcounts is None:
+                    self._refcounts = self._load_refcounts()
+        return self._refcounts
+
+    @refcounts.setter
+    def refcounts(self, refcounts: Refcounts) -> None:
+        self._refcounts = refcounts
+
     @property
     def has_data_file(self) -> bool:
         return self.data is not self.storage
@@ -175,7 +198,7 @@ class Qcow2Image(Image):
     def _open_read_write(self) -> None:
         header = self.header
         changed = False
-        if header.incompatible_features & INCOMPAT_DIRTY:
+        if header.incompatible_features & INCOMPAT_DIRTY and not self.context.for_check:
             from corefmt_qcow2.check import check_image
 
             check_image(self, CheckFix.ALL)  # lazy refcounts left them stale
@@ -221,7 +244,9 @@ class Qcow2Image(Image):
     def _file_end(self) -> int:
         """Where the image file ends, as far as metadata may point: its size
         at open, grown with every allocation (no stat call per lookup)."""
-        return self.refcounts.high_water * self.cluster_size
+        if self._refcounts is None:
+            return self._open_file_end
+        return self._refcounts.high_water * self.cluster_size
 
     def l2_table_offset(self, l1_index: int) -> int:
         """The L2 table of an L1 entry (0: none), checked."""
