@@ -97,7 +97,7 @@ class Qcow2Driver(FormatDriver):
 
         def child(role: str, path: str, format: str | None = None, **_: Any) -> Storage:
             assert data is not None
-            return _Unclosed(data)
+            return _Passthrough(data)
 
         image = Qcow2Image(storage, ImageContext(
             path=context.path if context else None, read_only=False,
@@ -149,40 +149,9 @@ def new_header(options: Qcow2CreateOptions, backing: BackingRef | None) -> Heade
     return header
 
 
-class _MagicLast(Storage):
-    """The new image file while create builds it: writes of the magic are
-    held back (zeros go to disk), reads see it. Create writes it at the end."""
-
-    def __init__(self, inner: Storage):
-        super().__init__(inner.path, inner.read_only)
-        self.inner = inner
-        self.request_alignment = inner.request_alignment
-
-    def size(self) -> int:
-        return self.inner.size()
-
-    def readinto(self, offset: int, buf: bytearray | memoryview) -> None:
-        self.inner.readinto(offset, buf)
-        if offset < len(MAGIC):
-            end = min(len(MAGIC), offset + len(buf))
-            buf[:end - offset] = MAGIC[offset:end]
-
-    def _write(self, offset: int, data: bytes | memoryview) -> None:
-        if offset < len(MAGIC):
-            data = bytearray(data)
-            end = min(len(MAGIC), offset + len(data))
-            data[:end - offset] = bytes(end - offset)
-        self.inner.write(offset, data)
-
-    def _truncate(self, size: int) -> None:
-        self.inner.truncate(size)
-
-    def flush(self) -> None:
-        self.inner.flush()
-
-
-class _Unclosed(Storage):
-    """The data file as create's own image sees it: create closes it, not the image."""
+class _Passthrough(Storage):
+    """A storage that hands everything to the one it wraps and leaves it open
+    (create's caller closes the files it made)."""
 
     def __init__(self, inner: Storage):
         super().__init__(inner.path, inner.read_only)
@@ -214,3 +183,19 @@ class _Unclosed(Storage):
         """Left open for create's caller."""
 
 
+class _MagicLast(_Passthrough):
+    """The new image file while create builds it: writes of the magic are
+    held back (zeros go to disk), reads see it. Create writes it at the end."""
+
+    def readinto(self, offset: int, buf: bytearray | memoryview) -> None:
+        self.inner.readinto(offset, buf)
+        if offset < len(MAGIC):
+            end = min(len(MAGIC), offset + len(buf))
+            buf[:end - offset] = MAGIC[offset:end]
+
+    def _write(self, offset: int, data: bytes | memoryview) -> None:
+        if offset < len(MAGIC):
+            data = bytearray(data)
+            end = min(len(MAGIC), offset + len(data))
+            data[:end - offset] = bytes(end - offset)
+        self.inner.write(offset, data)

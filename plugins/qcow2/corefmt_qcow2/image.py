@@ -533,11 +533,16 @@ class Qcow2Image(Image):
                     first * cs + MAX_BATCH_BYTES)
         last = (limit - 1) // cs
         count = 1
-        while first + count <= last:
-            entry, bitmap = self.entry(first + count)
-            if entry or bitmap:
-                break
-            count += 1
+        table = self.l2_table_offset(first // epl)
+        if not table:
+            count = last - first + 1
+        else:
+            with self.l2_cache.get(table) as handle:
+                while first + count <= last:
+                    entry, bitmap = self._read_entries(handle.data, (first + count) % epl)
+                    if entry or bitmap:
+                        break
+                    count += 1
         end = min(offset + len(view), (first + count) * cs)
         region_start, _ = self._subcluster_span(offset - first * cs, cs)
         region_start += first * cs
@@ -545,12 +550,15 @@ class Qcow2Image(Image):
         _, region_end = self._subcluster_span(0, end - last_cluster * cs)
         region_end += last_cluster * cs
         count = last_cluster - first + 1
-        buffer = bytearray(region_end - region_start)
-        if region_start < offset:
-            buffer[:offset - region_start] = self._below(region_start, offset)
-        if end < region_end:
-            buffer[end - region_start:] = self._below(end, region_end)
-        buffer[offset - region_start:end - region_start] = view[:end - offset]
+        if region_start == offset and region_end == end:
+            buffer: bytearray | memoryview = view[:end - offset]  # whole clusters: no copy
+        else:
+            buffer = bytearray(region_end - region_start)
+            if region_start < offset:
+                buffer[:offset - region_start] = self._below(region_start, offset)
+            if end < region_end:
+                buffer[end - region_start:] = self._below(end, region_end)
+            buffer[offset - region_start:end - region_start] = view[:end - offset]
         l2_table = self.writable_l2(first // epl)
         host = self.allocate_data(first, count)
         self.context.emit(events.CLUSTER_ALLOC)
