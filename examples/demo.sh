@@ -6,7 +6,8 @@ trap 'rm -rf "$work"' EXIT
 cd "$work"
 
 echo "== formats"
-corefmt formats | head -n 1
+corefmt formats > formats.txt   # (not piped into head: pipefail would see SIGPIPE)
+head -n 1 formats.txt
 
 echo "== create a sparse 64 MiB raw disk and write to it (qemu-io syntax)"
 corefmt create -f raw disk.raw 64M
