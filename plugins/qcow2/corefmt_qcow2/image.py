@@ -71,7 +71,7 @@ from corefmt_qcow2.layout import (
     VERSION_3,
     div_round_up,
 )
-from corefmt_qcow2.refcount import Refcounts
+from corefmt_qcow2.refcount import QUARANTINE_LIMIT, Refcounts
 
 #: A normal cluster whose refcount is not 1 (no COPIED flag): written by
 #: copying it first (internal snapshots share clusters this way).
@@ -672,6 +672,12 @@ class Qcow2Image(Image):
         elif entry & OFFSET_MASK and not self.has_data_file:
             self._free_clusters(entry & OFFSET_MASK, 1)
 
+    def _bound_quarantine(self) -> None:
+        """A long discard does not keep every freed cluster in memory: past
+        QUARANTINE_LIMIT a flush makes the references go and lets them go."""
+        if len(self.refcounts.quarantine) > QUARANTINE_LIMIT:
+            self._flush()
+
     def _free_clusters(self, offset: int, count: int) -> None:
         if self.lazy:
             self._mark_dirty()
@@ -777,6 +783,7 @@ class Qcow2Image(Image):
                     self._zero_subclusters(cluster, inside, step)
                 else:
                     self._zero_cluster(cluster, unmap)
+                    self._bound_quarantine()
                 position += step
         if flags & RequestFlags.FUA:
             self.flush()
@@ -824,6 +831,7 @@ class Qcow2Image(Image):
         with self.lock:
             for cluster in range(offset // cs, div_round_up(offset + length, cs)):
                 self._discard_cluster(cluster)
+                self._bound_quarantine()
         if self.data_file_raw:  # the data file must read as the disk does: zeros
             self.data.write_zeroes(offset, length, unmap=True)
 

@@ -27,18 +27,8 @@ INVALID = 6
 
 #: Kinds whose data comes from the host cluster at ``entry & OFFSET_MASK``.
 HAS_HOST = (UNALLOCATED_ALLOC, ZERO_ALLOC, NORMAL)
-ZERO_KINDS = (ZERO_PLAIN, ZERO_ALLOC)
-UNALLOCATED_KINDS = (UNALLOCATED_PLAIN, UNALLOCATED_ALLOC)
 #: zlib's raw deflate with a 4 KiB window: what qemu writes and reads.
 ZLIB_WINDOW_BITS = -12
-
-
-def host_offset(entry: int) -> int:
-    return entry & OFFSET_MASK
-
-
-def is_copied(entry: int) -> bool:
-    return bool(entry & OFLAG_COPIED)
 
 
 def kind_of(entry: int, bitmap: int | None, subcluster: int = 0, data_file: bool = False) -> int:
@@ -70,11 +60,6 @@ def alloc_bits(first: int, count: int) -> int:
     return ((1 << count) - 1) << first
 
 
-def zero_bits(first: int, count: int) -> int:
-    return alloc_bits(first, count) << SUBCLUSTER_ZERO_SHIFT
-
-
-ALL_ALLOCATED = SUBCLUSTER_ALLOC_MASK
 ALL_ZEROES = SUBCLUSTER_ALLOC_MASK << SUBCLUSTER_ZERO_SHIFT
 
 

@@ -103,8 +103,6 @@ MAX_REFTABLE_BYTES = 8 * 1024 * 1024
 #: qemu refuses virtual sizes above 32 EiB... in practice above 2^63 - 512.
 MAX_BACKING_NAME = 1023
 MAX_SNAPSHOTS = 65536
-#: Host offsets are 56 bits wide (bits 0-55).
-MAX_HOST_OFFSET = 1 << 56
 
 
 @attrs.define
@@ -167,10 +165,6 @@ class Header:
     @property
     def refcount_bits(self) -> int:
         return 1 << self.refcount_order
-
-    @property
-    def refcount_block_entries(self) -> int:
-        return self.cluster_size * 8 // self.refcount_bits
 
     def extension(self, kind: int) -> Extension | None:
         for extension in self.extensions:

@@ -207,17 +207,6 @@ class Refcounts:
             self.free_index = start + count
         return start * self.cluster_size
 
-    def allocate_at(self, offset: int, count: int) -> int:
-        """Take clusters at a given place if they are free (preallocation);
-        how many were free and taken from the start."""
-        first = offset // self.cluster_size
-        taken = 0
-        while taken < count and self._is_free(first + taken):
-            self.update(first + taken, 1)
-            taken += 1
-        self.high_water = max(self.high_water, first + taken)
-        return taken
-
     def free(self, offset: int, count: int = 1) -> None:
         """Drop one reference to each cluster; clusters that reach 0 wait in
         quarantine until the next flush."""
