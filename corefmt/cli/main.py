@@ -154,7 +154,8 @@ def cmd_map(args: argparse.Namespace) -> int:
     if args.output == "json":
         print(map_op.format_json(entries))
     else:
-        print(map_op.format_human(entries))
+        for line in map_op.human_lines(entries):  # the lines before a refusal, as qemu-img
+            print(line, flush=True)
     return EXIT_OK
 
 

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from corefmt.block.node import BlockNode
+from corefmt.errors import CorefmtError
 from corefmt.extents import ChainExtent
 from corefmt.ops.convert import chain_extents
 
@@ -77,15 +78,27 @@ def format_json(entries: list[dict[str, Any]]) -> str:
     return "[" + ",\n".join(lines) + "]"
 
 
-def format_human(entries: list[dict[str, Any]]) -> str:
-    """qemu-img map's table: only ranges whose data is stored somewhere."""
-    rows = [f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File"]
+#: qemu-img map's refusal in its table, for data it cannot point at.
+UNMAPPABLE = "File contains external, encrypted or compressed clusters."
+
+
+def human_lines(entries: list[dict[str, Any]]) -> Iterator[str]:
+    """qemu-img map's table, a line at a time: only ranges whose data is
+    stored somewhere. Data with no place to name (compressed clusters)
+    ends it with qemu-img's error, after the lines before it."""
+    yield f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File"
     for entry in entries:
-        if not entry["data"] or "offset" not in entry:
+        if not entry["data"]:
             continue
-        rows.append(f"{_hex(entry['start']):<16}{_hex(entry['length']):<16}"
-                    f"{_hex(entry['offset']):<16}{entry['_file']}")
-    return "\n".join(rows)
+        if "offset" not in entry:
+            raise CorefmtError(UNMAPPABLE)
+        yield (f"{_hex(entry['start']):<16}{_hex(entry['length']):<16}"
+               f"{_hex(entry['offset']):<16}{entry['_file']}")
+
+
+def format_human(entries: list[dict[str, Any]]) -> str:
+    """The whole table (CorefmtError where qemu-img refuses to print one)."""
+    return "\n".join(human_lines(entries))
 
 
 def _hex(value: int) -> str:
