@@ -50,6 +50,8 @@ from corefmt_qcow2.layout import (
     OFLAG_COMPRESSED,
     OFLAG_COPIED,
     OFLAG_ZERO,
+    SNAPSHOT_HEADER,
+    TABLE_ENTRY_ALIGNMENT,
     V2_HEADER_LENGTH,
     V2_REFCOUNT_ORDER,
     V3_HEADER_LENGTH,
@@ -65,12 +67,8 @@ if TYPE_CHECKING:
 
 Progress = Callable[[int, int], None]
 
-#: A snapshot table entry's fixed part (qcow2.txt "Snapshot table").
-SNAPSHOT_HEADER = struct.Struct(">QIHHIIQII")
 #: Extra data v3 requires: 64-bit VM state size and the virtual disk size.
 SNAPSHOT_V3_EXTRA = 16
-SNAPSHOT_EXTRA = struct.Struct(">QQ")
-SNAPSHOT_ALIGNMENT = 8
 UINT32_MAX = 0xFFFFFFFF
 #: Bytes of a refcount block scanned at once for non-zero entries.
 SCAN_CHUNK = 512
@@ -224,7 +222,7 @@ def _snapshots(image: Qcow2Image) -> list[tuple[int, int | None, int | None, int
         disk = struct.unpack_from(">Q", extra, 8)[0] if len(extra) >= 16 else None
         found.append((vm_state, large, disk, extra_size))
         position += SNAPSHOT_HEADER.size + extra_size + id_size + name_size
-        position += -position % SNAPSHOT_ALIGNMENT
+        position += -position % TABLE_ENTRY_ALIGNMENT
     return found
 
 

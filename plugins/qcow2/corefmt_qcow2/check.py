@@ -28,12 +28,18 @@ from typing import TYPE_CHECKING
 from corefmt import CheckFix, CheckResult, CorefmtError
 from corefmt_qcow2.layout import (
     AUTOCLEAR_BITMAPS,
+    BITMAP_DIRECTORY_ENTRY,
+    BITMAPS_EXTENSION,
+    COMPRESSED_SECTOR,
     EXT_BITMAPS,
     INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
+    MAX_L1_BYTES,
     OFLAG_COMPRESSED,
     OFLAG_COPIED,
     OFLAG_ZERO,
+    SNAPSHOT_HEADER,
+    TABLE_ENTRY_ALIGNMENT,
     div_round_up,
 )
 from corefmt_qcow2.refcount import get_refcount, set_refcount
@@ -52,15 +58,9 @@ BITMAP_ALL_ALLOC = 0xFFFFFFFF
 BME_TABLE_ENTRY_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 BME_TABLE_ENTRY_RESERVED_MASK = 0xFF000000000001FE
 BME_TABLE_ENTRY_FLAG_ALL_ONES = 1
-QCOW_MAX_L1_SIZE = 32 * 1024 * 1024
-COMPRESSED_SECTOR = 512
 #: Where the header keeps refcount_table_offset (8 bytes) and _clusters (4).
 HEADER_REFTABLE_FIELDS = 48
 
-SNAPSHOT_HEADER = struct.Struct(">QIHHIIQII")
-SNAPSHOT_ALIGNMENT = 8
-BITMAPS_EXTENSION = struct.Struct(">IIQQ")
-BITMAP_ENTRY = struct.Struct(">QIIBBHI")
 QWORD = struct.Struct(">Q")
 
 
@@ -430,7 +430,7 @@ class _Checker:
             position += id_size
             name = self.read(position, name_size).decode(errors="replace")
             position += name_size
-            position += -position % SNAPSHOT_ALIGNMENT
+            position += -position % TABLE_ENTRY_ALIGNMENT
             found.append((ident, name, l1_offset, l1_size))
         return found, position - header.snapshots_offset
 
@@ -450,13 +450,13 @@ class _Checker:
         directory = self.read(directory_offset, directory_size)
         position = 0
         for _ in range(count):
-            if position + BITMAP_ENTRY.size > len(directory):
+            if position + BITMAP_DIRECTORY_ENTRY.size > len(directory):
                 self.res.corruptions += 1
                 raise _Failed(errno.EINVAL)
             (table_offset, table_size, _flags, _type, _granularity, name_size,
-             extra_size) = BITMAP_ENTRY.unpack_from(directory, position)
-            position += BITMAP_ENTRY.size + extra_size + name_size
-            position += -position % SNAPSHOT_ALIGNMENT
+             extra_size) = BITMAP_DIRECTORY_ENTRY.unpack_from(directory, position)
+            position += BITMAP_DIRECTORY_ENTRY.size + extra_size + name_size
+            position += -position % TABLE_ENTRY_ALIGNMENT
             self.inc_refcounts(table_offset, table_size * 8)
             table = self.read(table_offset, table_size * 8)
             for (entry,) in QWORD.iter_unpack(table):
@@ -522,7 +522,7 @@ class _Checker:
                          "is not cluster aligned; snapshot table entry corrupted")
                 self.res.corruptions += 1
                 continue
-            if l1_size > QCOW_MAX_L1_SIZE // 8:
+            if l1_size > MAX_L1_BYTES // 8:
                 self.say(f"ERROR snapshot {ident} ({name}) l1_size={l1_size:#x}: L1 table is "
                          "too large; snapshot table entry corrupted")
                 self.res.corruptions += 1

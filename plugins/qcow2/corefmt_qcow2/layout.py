@@ -96,6 +96,16 @@ COMPRESSED_SECTOR = 512
 #: An extended L2 needs clusters of at least this size (qemu's rule).
 MIN_EXTL2_CLUSTER_SIZE = 16384
 
+#: A snapshot table entry's fixed part (qcow2.txt "Snapshot table") and
+#: the extra data version 3 requires (VM state size, virtual disk size).
+SNAPSHOT_HEADER = struct.Struct(">QIHHIIQII")
+SNAPSHOT_EXTRA = struct.Struct(">QQ")
+#: The bitmaps extension's data and a bitmap directory entry's fixed part.
+BITMAPS_EXTENSION = struct.Struct(">IIQQ")
+BITMAP_DIRECTORY_ENTRY = struct.Struct(">QIIBBHI")
+#: Snapshot table and bitmap directory entries are padded to this.
+TABLE_ENTRY_ALIGNMENT = 8
+
 # Limits from qemu's block/qcow2.h: metadata a header may ask for.
 #: Largest L1 table (32 MiB) and refcount table (8 MiB) qemu opens.
 MAX_L1_BYTES = 32 * 1024 * 1024

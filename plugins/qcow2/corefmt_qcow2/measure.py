@@ -11,16 +11,18 @@ holding data somewhere in its chain counts (zero ranges do not), for
 
 from __future__ import annotations
 
-import struct
 from typing import TYPE_CHECKING
 
 from corefmt import MeasureResult, OptionError
 from corefmt.ops.convert import chain_extents
 from corefmt_qcow2.layout import (
     AUTOCLEAR_BITMAPS,
+    BITMAP_DIRECTORY_ENTRY,
+    BITMAPS_EXTENSION,
     EXT_BITMAPS,
     MAX_L1_BYTES,
     MIN_EXTL2_CLUSTER_SIZE,
+    TABLE_ENTRY_ALIGNMENT,
     VERSION_2,
     VERSION_3,
     div_round_up,
@@ -38,11 +40,7 @@ DEFAULT_REFCOUNT_BITS = 16
 #: The compat words qemu's measure takes (create takes more).
 MEASURE_VERSIONS = {"0.10": VERSION_2, "1.1": VERSION_3}
 PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
-#: qemu's bitmaps extension and bitmap directory entry.
-BITMAPS_EXTENSION = struct.Struct(">IIQQ")
-BITMAP_DIR_ENTRY = struct.Struct(">QIIBBHI")
 BITMAP_TABLE_ENTRY_SIZE = 8
-BITMAP_DIR_ALIGNMENT = 8
 UINT64 = 2**64
 
 
@@ -126,17 +124,18 @@ def persistent_bitmaps_size(source: BlockNode, cluster_size: int) -> int | None:
         position = 0
         length = source.virtual_size
         for _ in range(count):
-            if position + BITMAP_DIR_ENTRY.size > len(directory):
+            if position + BITMAP_DIRECTORY_ENTRY.size > len(directory):
                 break
             (_table, _table_size, _flags, _type, granularity_bits, name_size,
-             extra_size) = BITMAP_DIR_ENTRY.unpack_from(directory, position)
+             extra_size) = BITMAP_DIRECTORY_ENTRY.unpack_from(directory, position)
             bits = div_round_up(length, 1 << granularity_bits)
             clusters = div_round_up(div_round_up(bits, 8), cluster_size)
             total += clusters * cluster_size
             total += round_up(clusters * BITMAP_TABLE_ENTRY_SIZE, cluster_size)
-            directory_bytes += round_up(BITMAP_DIR_ENTRY.size + name_size, BITMAP_DIR_ALIGNMENT)
-            position += round_up(BITMAP_DIR_ENTRY.size + extra_size + name_size,
-                                 BITMAP_DIR_ALIGNMENT)
+            directory_bytes += round_up(BITMAP_DIRECTORY_ENTRY.size + name_size,
+                                        TABLE_ENTRY_ALIGNMENT)
+            position += round_up(BITMAP_DIRECTORY_ENTRY.size + extra_size + name_size,
+                                 TABLE_ENTRY_ALIGNMENT)
     return total + round_up(directory_bytes, cluster_size)
 
 

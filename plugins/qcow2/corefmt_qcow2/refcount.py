@@ -15,6 +15,7 @@ Ordering rules (the caller holds the image's metadata lock):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from corefmt import ImageError, MetadataCache, Storage
@@ -53,6 +54,7 @@ def set_refcount(data: bytearray, index: int, bits: int, value: int) -> None:
     data[index // per_byte] = (data[index // per_byte] & ~mask) | (value << shift)
 
 
+@functools.cache
 def _nonzero_fields_table(bits: int) -> bytes:
     """byte -> how many of its ``bits``-wide fields are not zero."""
     mask = (1 << bits) - 1
