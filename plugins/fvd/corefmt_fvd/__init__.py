@@ -1,0 +1,1 @@
+"""The FVD (Fast Virtual Disk) format driver for corefmt."""
