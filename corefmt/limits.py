@@ -16,7 +16,9 @@ class Limits:
     every request cut at ``max_transfer``. ``copy_granularity`` is the unit
     of copy-on-write inside the format (a cluster or block): copy-on-read
     widens its fills to it, and ``corefmt stress`` sizes requests around it
-    so partial-unit writes are always exercised.
+    so partial-unit writes are always exercised. It need not be a power of
+    two (FVD's blocks may be 7680 bytes), only a multiple of the request
+    alignment.
     """
 
     request_alignment: int = 1
@@ -27,11 +29,13 @@ class Limits:
     copy_granularity: int = 1
 
     def __attrs_post_init__(self) -> None:
-        for name in ("request_alignment", "zeroes_alignment", "discard_alignment",
-                     "copy_granularity"):
+        for name in ("request_alignment", "zeroes_alignment", "discard_alignment"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two, not {value}")
+        if self.copy_granularity < 1 or self.copy_granularity % self.request_alignment:
+            raise ValueError(f"copy_granularity {self.copy_granularity} is not a multiple of "
+                             f"request_alignment {self.request_alignment}")
         if self.max_transfer is not None and (
                 self.max_transfer < self.request_alignment
                 or self.max_transfer % self.request_alignment):

@@ -340,6 +340,10 @@ def test_limits_are_checked():
         Limits(request_alignment=3)
     with pytest.raises(ValueError, match="multiple"):
         Limits(request_alignment=512, max_transfer=1000)
+    with pytest.raises(ValueError, match="multiple"):
+        Limits(request_alignment=512, copy_granularity=1000)
+    # FVD's blocks need not be powers of two.
+    assert Limits(request_alignment=512, copy_granularity=7680).copy_granularity == 7680
 
 
 # -- specs ----------------------------------------------------------------------------

@@ -165,9 +165,8 @@ class FvdImage(Image):
     @property
     def limits(self) -> Limits:
         block = self.header.block_size if self.bitmap is not None else SECTOR
-        granularity = block if block & (block - 1) == 0 else SECTOR
         return Limits(request_alignment=SECTOR, zeroes_alignment=SECTOR,
-                      discard_alignment=SECTOR, copy_granularity=max(granularity, SECTOR))
+                      discard_alignment=SECTOR, copy_granularity=block)
 
     @property
     def cluster_size(self) -> int | None:  # type: ignore[override]
