@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from corefmt import BackingRef
+from corefmt import BackingRef, OptionError
+from corefmt_fvd.header import MAX_JOURNAL_BYTES
 from corefmt_fvd.bitmap import FvdBitmap
 from corefmt_fvd.layout import (
     DEFAULT_BLOCK_SIZE,
@@ -60,7 +61,11 @@ def journal_bytes(requested: int, table_entries: int) -> int:
     size = requested or DEFAULT_JOURNAL_SIZE
     if table_entries:
         size = max(size, div_round_up(table_entries, MIXED_TABLE_ENTRIES) * SECTOR)
-    return round_up(size, PAGE)
+    size = round_up(size, PAGE)
+    if size > MAX_JOURNAL_BYTES:
+        raise OptionError(f"a journal for {table_entries} chunks would pass 4 GiB: use a larger "
+                          "chunk_size")
+    return size
 
 
 def apply_tuning(header: FvdHeader, tuning: Any) -> None:
@@ -148,7 +153,7 @@ def search_holes(base: Any, header: FvdHeader, hole: int) -> FvdBitmap:
     unit = round_up(max(hole, block), block)
     bitmap = FvdBitmap(bytes(header.bitmap_size), block, header.base_img_size)
     end = header.base_img_size
-    for start in range(0, end, unit):
+    for start in range(0, end - end % unit, unit):
         stop = min(start + unit, end)
         if _reads_zero(base, start, stop):
             bitmap.set_range(start, stop - start)

@@ -18,7 +18,8 @@ from corefmt_fvd.layout import (
 #: Limits no real image comes near; a header asking for more is refused.
 MAX_BITMAP_BYTES = 512 * 1024 * 1024
 MAX_TABLE_BYTES = 512 * 1024 * 1024
-MAX_JOURNAL_BYTES = 1 << 40
+#: Replay reads the whole journal at an unclean open: bounded here.
+MAX_JOURNAL_BYTES = 4 << 30
 MAX_VIRTUAL_SIZE = 1 << 62
 MAX_UNIT = 1 << 30
 
@@ -77,7 +78,7 @@ def check_header(header: FvdHeader, path: str | None, file_size: int) -> None:
     if journal:
         if journal < 0 or journal % SECTOR or journal > MAX_JOURNAL_BYTES:
             raise _fail(path, 4292, f"journal size {journal} is not a positive multiple of "
-                        f"{SECTOR}")
+                        f"{SECTOR} up to 4 GiB")
         regions.append(("journal", 4284, header.journal_offset, journal))
     if header.metadata_size < HEADER_REGION or header.metadata_size % SECTOR:
         raise _fail(path, 20, f"metadata size {header.metadata_size} is not a multiple of "

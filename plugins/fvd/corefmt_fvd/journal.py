@@ -118,6 +118,8 @@ def iter_sectors(read: Callable[[int, int], bytes], journal: Journal
     total = journal.sectors * JOURNAL_SECTOR
     for done in range(0, total, REPLAY_READ):
         piece = read(journal.offset + done, min(REPLAY_READ, total - done))
+        if piece.count(0) == len(piece):
+            continue  # never written: nothing to replay
         for at in range(0, len(piece), JOURNAL_SECTOR):
             yield journal.offset + done + at, piece[at:at + JOURNAL_SECTOR]
 

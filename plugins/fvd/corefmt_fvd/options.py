@@ -8,6 +8,7 @@ from typing import Any
 import attrs
 
 from corefmt import OptionError, choice, option, to_bool, to_size
+from corefmt_fvd.header import MAX_JOURNAL_BYTES
 from corefmt_fvd.layout import (
     COMMAND_FIELD,
     FORMAT_FIELD,
@@ -42,8 +43,8 @@ def _journal_size(value: Any) -> int:
             raise OptionError(f"journal_size expects a size or -1, not '{text}'") from None
         return -1 if number < 0 else number
     size = to_size(value)
-    if size > 1 << 40:
-        raise OptionError("journal_size must be at most 1 TiB")
+    if size > MAX_JOURNAL_BYTES:
+        raise OptionError("journal_size must be at most 4 GiB")
     return size
 
 
