@@ -153,7 +153,7 @@ def search_holes(base: Any, header: FvdHeader, hole: int) -> FvdBitmap:
     unit = round_up(max(hole, block), block)
     bitmap = FvdBitmap(bytes(header.bitmap_size), block, header.base_img_size)
     end = header.base_img_size
-    for start in range(0, end - end % unit, unit):
+    for start in range(0, end, unit):
         stop = min(start + unit, end)
         if _reads_zero(base, start, stop):
             bitmap.set_range(start, stop - start)
