@@ -193,9 +193,9 @@ class FvdImage(Image):
             limit = -(-min(end, self.base_size) // bitmap.block_size)
             in_base = not bitmap.test(block)
             stop = bitmap.run_end(block, not in_base, limit) * bitmap.block_size
-            if in_base:
-                return Extent(offset, min(stop, end) - offset, data=False, zero=False,
-                              allocated=False)
+            if in_base:  # the base part only: a block may straddle the base's end
+                return Extent(offset, min(stop, end, self.base_size) - offset, data=False,
+                              zero=False, allocated=False)
             if stop < self.base_size:
                 end = min(end, stop)
         return self._own_status(offset, end - offset)
