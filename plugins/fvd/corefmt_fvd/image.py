@@ -288,7 +288,15 @@ class FvdImage(Image):
         if head or tail:
             self.context.emit(events.COW_WRITE)
         if self.table is not None:
-            self._store_chunks(store_start, memoryview(payload), fill)
+            allocated: list[int] = []
+            try:
+                self._store_chunks(store_start, memoryview(payload), fill, allocated)
+            except BaseException:
+                # Reads must not see what a later flush will not journal:
+                # the chunks stay leaked, their entries empty again.
+                for chunk in allocated:
+                    self.table.entries[chunk] = EMPTY_ENTRY
+                raise
         else:
             self.data.write(self.data_offset + store_start, payload)
         self._note_written(store_start, store_end, fill)
@@ -317,7 +325,8 @@ class FvdImage(Image):
                 if table.dirty(chunk):
                     self._pending_chunks.add(chunk)
 
-    def _store_chunks(self, start: int, payload: memoryview, fill: bool) -> None:
+    def _store_chunks(self, start: int, payload: memoryview, fill: bool,
+                      allocated: list[int]) -> None:
         """Write through the table, allocating chunks in order (§4.2); a chunk
         handed out again after a crash is zeroed where this write misses it."""
         table = self.table
@@ -328,6 +337,7 @@ class FvdImage(Image):
         for chunk in range(first, last + 1):
             if table.physical(chunk) is None:
                 self._allocate(chunk)
+                allocated.append(chunk)
         done = 0
         while done < len(payload):
             at = start + done
