@@ -304,6 +304,7 @@ class FvdImage(Image):
     def _note_written(self, start: int, end: int, fill: bool) -> None:
         """The in-memory metadata for stored data, and the records it needs."""
         self._metadata_changed = True
+        first, last = start, end  # what the TABLE records cover
         bitmap = self.bitmap
         if bitmap is not None and start < self.base_size:
             clipped = min(end, self.base_size)
@@ -317,11 +318,15 @@ class FvdImage(Image):
                 if not journaled.all_set(start // block, -(-clipped // block)):
                     self._pending_ranges.append((start, clipped))
                     journaled.set_range(start, clipped - start)
+                    # The record sets whole blocks: one copy-on-read filled has
+                    # chunks this write did not touch, mapped only in memory.
+                    first = min(first, start - start % block)
+                    last = max(last, min(-(-clipped // block) * block, self.base_size))
                 if journaled is not bitmap:
                     bitmap.set_range(start, clipped - start)
         table = self.table
         if table is not None and not fill:
-            for chunk in range(start // self.chunk_size, -(-end // self.chunk_size)):
+            for chunk in range(first // self.chunk_size, -(-last // self.chunk_size)):
                 if table.dirty(chunk):
                     self._pending_chunks.add(chunk)
 
