@@ -72,6 +72,18 @@ class Registry:
         except KeyError:
             raise UnknownFormatError("no 'file' storage driver is installed") from None
 
+    def resolve(self, path: str, relative_to: str | None) -> str:
+        """Where a name recorded in (or given for) the image ``relative_to``
+        points. A name with a storage prefix, or an absolute one, stands as
+        it is; a relative one lives on the image's storage, next to it, as
+        qemu's path_combine keeps the image's protocol (a data file named
+        ``data`` of ``sim:run/top`` is ``sim:run/data``, not a local file)."""
+        driver = self.storage_for(path)
+        if (relative_to and driver.name == "file" and not path.startswith("/")
+                and ":" not in path.split("/")[0]):
+            driver = self.storage_for(relative_to)
+        return driver.resolve(path, relative_to)
+
     def probe(self, head: bytes, path: str | None) -> FormatDriver:
         """The format whose probe scores highest (raw is the fallback)."""
         best: FormatDriver | None = None

@@ -312,7 +312,7 @@ class GraphBuilder:
         read_only = node.read_only if read_only is None else read_only
         if override is None:
             self.check_name_from_image(path, node, role.replace("_", " ") + " name")
-            target = self.registry.storage_for(path).resolve(path, node.filename)
+            target = self.registry.resolve(path, node.filename)
             if not self.registry.storage_for(target).exists(target):
                 raise CorefmtError(f"Could not open {role} '{printable(target)}' of "
                                    f"'{node.filename}': No such file or directory")
@@ -368,8 +368,7 @@ class GraphBuilder:
         if is_json_filename(reference.path):
             below = self.open(to_spec(reference.path, reference.format), read_only=True)
             return below  # type: ignore[return-value]
-        storage_driver = self.registry.storage_for(reference.path)
-        target = storage_driver.resolve(reference.path, node.filename)
+        target = self.registry.resolve(reference.path, node.filename)
         if _identity(target) in seen:
             raise BackingChainError(
                 f"{node.filename}: backing file '{printable(reference.path)}' "

@@ -83,7 +83,7 @@ class _Children:
     def create_child(self, role: str, path: str, format: str | None = None,
                      size: int | None = None, options: Mapping[str, Any] | None = None
                      ) -> Storage | BlockNode:
-        target = self.registry.storage_for(path).resolve(path, self.image_path)
+        target = self.registry.resolve(path, self.image_path)
         storage_driver = self.registry.storage_for(target)
         if not storage_driver.exists(target):
             self.new_paths.append(target)
@@ -180,7 +180,7 @@ def check_create_options(format: str, options: list[str] | str | None,
 
 def _open_backing(path: str, reference: BackingRef, registry: Registry) -> BlockNode:
     """Open the would-be backing chain (relative to the new image), read-only."""
-    target = registry.storage_for(reference.path).resolve(reference.path, path)
+    target = registry.resolve(reference.path, path)
     try:
         return open_chain(target, reference.format, read_only=True, registry=registry)
     except BackingChainError:

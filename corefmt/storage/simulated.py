@@ -421,4 +421,11 @@ class SimStorageDriver(StorageDriver):
             return sorted(name for name in self._disks if name.startswith(prefix))
 
     def resolve(self, path: str, relative_to: str | None) -> str:
-        return path if path.startswith(PREFIX) else PREFIX + path
+        """A relative name resolves in the directory of the disk naming it,
+        as files do: names are flat, a ``/`` in one makes the directory
+        (``data`` of ``sim:run/top`` is ``sim:run/data``)."""
+        if path.startswith(PREFIX):
+            return path
+        if relative_to and relative_to.startswith(PREFIX) and "/" in relative_to:
+            return relative_to[:relative_to.rindex("/") + 1] + path
+        return PREFIX + path

@@ -190,12 +190,14 @@ def _fill_base(rng: random.Random, path: str, format: str, size: int, direct: bo
     return bytes(content)
 
 
-def _unused_prefix(sim: SimStorageDriver, prefix: str) -> str:
-    """``prefix``, unless another run uses it now: names show up in messages,
-    so they must not change from one replay to the next."""
+def _unused_directory(sim: SimStorageDriver, prefix: str) -> str:
+    """``prefix/``, unless another run uses it now: names show up in messages,
+    so they must not change from one replay to the next. A seed's disks are
+    the ones in its directory, so are the data files its images name
+    relative to themselves."""
     for number in itertools.count(1):
-        candidate = prefix if number == 1 else f"{prefix}.{number}"
-        if not sim.names(f"{candidate}-"):
+        candidate = f"{prefix}/" if number == 1 else f"{prefix}.{number}/"
+        if not sim.names(candidate):
             return candidate
     raise AssertionError("unreachable")
 
@@ -212,9 +214,10 @@ class _SeedRun:
         self.folder: str | None = None
         if config.real_files:
             self.folder = tempfile.mkdtemp(prefix=f"corefmt-stress-{seed}-")
-            self.prefix = os.path.join(self.folder, f"stress-{seed}")
+            self.directory = self.folder + os.sep
         else:
-            self.prefix = _unused_prefix(self.sim, f"sim:stress-{seed}")
+            self.directory = _unused_directory(self.sim, f"sim:stress-{seed}")
+        self.prefix = f"{self.directory}stress-{seed}"
         self.top_path = f"{self.prefix}-top"
         self.base_formats = base_formats(config)
         self.base_paths = [f"{self.prefix}-base{depth}"
@@ -227,7 +230,7 @@ class _SeedRun:
         """Every simulated disk of this seed (images, their data files)."""
         if self.config.real_files:
             return []
-        return [self.sim.disk(name) for name in self.sim.names(f"{self.prefix}-")]
+        return [self.sim.disk(name) for name in self.sim.names(self.directory)]
 
     def _injected(self, tag: int, failed: bool) -> bool:
         """Whether the storage failed a request of ``tag`` on purpose (or lost power)."""
@@ -417,7 +420,9 @@ class _SeedRun:
         backing = {"backing": self.base_paths[depth - 1],
                    "backing_format": layers[depth - 1]} if depth else {}
         expected = contents[depth - 1] if depth else bytes(config.size)
-        path = f"{self.prefix}-create"
+        # In a directory of its own: data files it names must not be the workload's.
+        folder = f"{self.directory}create/"
+        path = f"{folder}stress-{self.seed}-create"
         what = f"after an interrupted create of {format}"
         counted: list[int] = []
         self.sim.create(path)
@@ -446,7 +451,7 @@ class _SeedRun:
         if disk.dead:
             disk.restore(disk.crash_image or b"")
         self._judge_created(path, format, expected, what)
-        for name in self.sim.names(path):  # with its data files
+        for name in self.sim.names(folder):  # with its data files
             self.sim.forget(name)
 
     def _judge_created(self, path: str, format: str, expected: bytes, what: str) -> None:

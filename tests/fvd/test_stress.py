@@ -12,13 +12,17 @@ import random
 from collections.abc import Callable, Iterator
 
 import pytest
+from corefmt_fvd.driver import FvdDriver
 
 import corefmt
 from corefmt import CorefmtError, plugins
 from corefmt.storage.simulated import SimDisk, SimFault, SimRequest
+from corefmt.stress.runner import StressConfig, run_seed
 from tests.conftest import fill
 
 KiB, MiB = 1024, 1024 * 1024
+#: FVD's option set with a data file named relative to the image.
+DATA_FILE_SET = next(options for options in FvdDriver.stress_option_sets if "data_file=" in options)
 _names = itertools.count()
 
 
@@ -110,3 +114,23 @@ def test_records_cover_every_chunk_of_a_block_copy_on_read_filled(tmp_path, sim_
     expected[40 * KiB:40 * KiB + 512] = patch
     with corefmt.open(path, "fvd") as node:
         assert node.read(64 * KiB, 64 * KiB) == expected
+
+
+# -- the harness ----------------------------------------------------------------------------
+def test_a_relative_data_file_is_one_of_the_seeds_disks(tmp_path, monkeypatch):
+    """The data_file option set names ``stress.fvd-data`` relative to the
+    image: on ``sim:`` it must be a simulated disk of the seed (faulted and
+    cut with the image), not a local file every seed shares."""
+    monkeypatch.chdir(tmp_path)
+    cut: list[str] = []
+    power_cut = SimDisk.power_cut
+
+    def spy(disk: SimDisk, rng: random.Random) -> bytearray:
+        cut.append(disk.name)
+        return power_cut(disk, rng)
+    monkeypatch.setattr(SimDisk, "power_cut", spy)
+    result = run_seed(StressConfig(format="fvd", options=DATA_FILE_SET, crash=True,
+                                   operations=10), 0)
+    assert result.ok, result
+    assert not list(tmp_path.iterdir())
+    assert "sim:stress-0/stress.fvd-data" in cut, cut
