@@ -44,8 +44,10 @@ class FvdBitmap:
             first += 1
 
     def set_range(self, offset: int, length: int) -> None:
-        """Set every block that overlaps [offset, offset+length), clipped to the base."""
+        """Set every block that overlaps [offset, offset+length), clipped to the base
+        (and to its start: a negative block would index the bits from their end)."""
         end = min(offset + length, self.base_size)
+        offset = max(offset, 0)
         if length > 0 and offset < end:
             self.set_blocks(offset // self.block_size, -(-end // self.block_size))
 
