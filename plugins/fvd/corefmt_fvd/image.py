@@ -112,6 +112,8 @@ class FvdImage(Image):
         self.journal = Journal(header.journal_offset, header.journal_size)
         self.opened_unclean = not header.clean_shutdown
         self._on_disk_clean = bool(header.clean_shutdown)
+        #: amend clean_shutdown=off: the close leaves the image marked unclean (§10 #15).
+        self.stay_unclean = False
         self._pending_ranges: list[tuple[int, int]] = []
         self._pending_chunks: set[int] = set()
         self._metadata_changed = False
@@ -496,12 +498,14 @@ class FvdImage(Image):
         if self._metadata_changed or not self._on_disk_clean or self.opened_unclean:
             self.context.emit(events.CLOSE_FLUSH)
             self._write_metadata()
+            self._metadata_changed = False
+            if self.stay_unclean:
+                return
             self.context.emit(events.HEADER_UPDATE)
             self.storage.write(CLEAN_SHUTDOWN_OFFSET, TRUE.to_bytes(4, "little"))
             self.storage.flush()
             self._on_disk_clean = True
             self.opened_unclean = False
-            self._metadata_changed = False
         else:
             self.data.flush()
 
@@ -525,11 +529,12 @@ class FvdImage(Image):
 
         return check_image(self, fix)
 
-    def amend(self, options: Any, progress: Any = None, **_: Any) -> None:
+    def amend(self, options: Any, progress: Any = None, *, size: int | None = None,
+              backing: tuple[str | None, str | None] | None = None, **_: Any) -> None:
         from corefmt_fvd.amend import amend_image
 
         with self.lock:
-            amend_image(self, options)
+            amend_image(self, options, size=size, backing=backing)
 
     def write_header(self) -> None:
         """The 4336-byte header in place (amend), flushed."""

@@ -8,6 +8,7 @@ from typing import Any
 import attrs
 
 from corefmt import OptionError, choice, option, to_bool, to_size
+from corefmt.options import KIND_BOOL
 from corefmt_fvd.header import MAX_JOURNAL_BYTES
 from corefmt_fvd.layout import (
     COMMAND_FIELD,
@@ -190,11 +191,14 @@ class FvdAmendOptions(PrefetchTuning):
     data_file_fmt: str | None = option(None, "Format of the data file",
                                        validator=_string("data_file_fmt", FORMAT_FIELD))
     need_zero_init: bool | None = option(None, "Storage must read unwritten areas as zeros",
-                                         converter=attrs.converters.optional(to_bool))
+                                         converter=attrs.converters.optional(to_bool),
+                                         kind=KIND_BOOL)
     copy_on_read: bool | None = option(None, "Copy data read from the base image into this "
-                                       "image", converter=attrs.converters.optional(to_bool))
+                                       "image", converter=attrs.converters.optional(to_bool),
+                                       kind=KIND_BOOL)
     clean_shutdown: bool | None = option(None, "The image was closed cleanly",
-                                         converter=attrs.converters.optional(to_bool))
+                                         converter=attrs.converters.optional(to_bool),
+                                         kind=KIND_BOOL)
     prefetch_start_delay: int | None = option(
         None, "Seconds before the whole base image is prefetched (<= 0: never)",
         converter=attrs.converters.optional(_delay), kind="num")
