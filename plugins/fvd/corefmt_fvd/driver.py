@@ -19,10 +19,9 @@ from corefmt import (
 from corefmt_fvd.create import plan_header, search_holes
 from corefmt_fvd.image import FvdImage
 from corefmt_fvd.layout import (
-    CLEAN_SHUTDOWN_OFFSET,
     EMPTY_ENTRY,
-    FALSE,
     MAGIC_BYTES,
+    SECTOR,
     TRUE,
     VERSION,
 )
@@ -74,11 +73,14 @@ class FvdDriver(FormatDriver):
             data = as_storage(child)
             if fmt in (None, "raw"):
                 data.truncate(data_size)
-        # An interrupted create leaves an image marked unclean with no journal
-        # worth replaying, never one that looks finished: clean_shutdown last.
-        header.clean_shutdown = FALSE
+        # An interrupted create leaves no FVD image (open refuses it), never a
+        # header over regions not filled yet (a table region of zeros maps every
+        # chunk to chunk 0): the regions are filled and flushed before the
+        # header, whose first sector (the magic) goes last.
+        header.clean_shutdown = TRUE
+        region = header.pack_region()
         storage.truncate(0)
-        storage.write(0, header.pack_region())
+        storage.flush()
         if header.bitmap_size:
             bits = (search_holes(base, header, options.detect_sparse_hole).bits
                     if options.detect_sparse_hole and base is not None else None)
@@ -91,8 +93,9 @@ class FvdDriver(FormatDriver):
         if header.journal_size:
             _fill(storage, header.journal_offset, header.journal_size, 0)
         storage.truncate(header.metadata_size)
+        storage.write(SECTOR, region[SECTOR:])
         storage.flush()
-        storage.write(CLEAN_SHUTDOWN_OFFSET, TRUE.to_bytes(4, "little"))
+        storage.write(0, region[:SECTOR])
 
     def open(self, storage: Storage, context: ImageContext) -> FvdImage:
         return FvdImage(storage, context)
