@@ -67,9 +67,8 @@ class AmendError(CorefmtError):
 def amend_image(image: FvdImage, options: FvdAmendOptions | None, *, size: int | None = None,
                 backing: tuple[str | None, str | None] | None = None) -> None:
     """Amend an open image (the caller holds its lock). ``size`` and
-    ``backing`` are qemu's generic amend options (``size=`` is also an FVD
-    option; ``backing``: ``(backing_file, backing_fmt)``, None for one not
-    given)."""
+    ``backing`` are qemu's generic amend options (``backing``:
+    ``(backing_file, backing_fmt)``, None for one not given)."""
     if image.context.read_only:
         raise ReadOnlyError(f"{image.context.path}: cannot amend an image opened read-only")
     options = options if options is not None else FvdAmendOptions()
@@ -129,10 +128,9 @@ def amend_image(image: FvdImage, options: FvdAmendOptions | None, *, size: int |
             value = round_up(value, header.block_size)
         changes[field] = value
 
-    new_size = options.size if options.size is not None else size
     target = None
-    if new_size is not None:
-        target = planned_size(image, new_size)
+    if size is not None:
+        target = planned_size(image, size)
 
     # Everything is checked: now the changes.
     if options.clean_shutdown is not None and options.clean_shutdown:

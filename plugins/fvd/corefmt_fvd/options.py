@@ -180,8 +180,6 @@ class FvdOpenOptions:
 class FvdAmendOptions(PrefetchTuning):
     """What ``qemu-img update`` could change in an FVD header (§8.6)."""
 
-    size: int | None = option(None, "Virtual disk size", converter=attrs.converters.optional(
-        to_size), kind="size")
     base_img: str | None = option(None, "Base image path (the base must hold the same data)",
                                   validator=_string("base_img", PATH_FIELD))
     base_img_fmt: str | None = option(None, "Base image format",
