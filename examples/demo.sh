@@ -41,6 +41,23 @@ corefmt check overlay.qcow2
 corefmt convert -O qcow2 overlay.qcow2 flat.qcow2   # the whole chain, into one image
 corefmt compare overlay.qcow2 flat.qcow2
 
+echo "== three formats in one chain: an FVD image over the qcow2 overlay (raw <- qcow2 <- fvd)"
+corefmt create -f fvd -b overlay.qcow2 -F qcow2 -o block_size=64k,compact_image=on top.fvd
+# 4k into a 64 KiB block: FVD copies the rest of the block from the qcow2 and the raw below
+corefmt io -c 'write -P 0xef 4k 4k' -c 'write -P 0x22 32M 4k' -c 'write -P 0x11 40M 64k' \
+    -c flush -c 'read -P 0xab 0 4k' -c 'read -P 0xef 4k 4k' -c 'read -P 0xab 8k 8k' \
+    -c 'read -P 0xcd 16k 8k' -c 'read -P 0x22 32M 4k' -c 'read -P 0 33558528 60k' top.fvd
+corefmt info --backing-chain top.fvd
+corefmt map top.fvd
+corefmt check top.fvd
+corefmt convert -O raw top.fvd top-flat.raw        # the three layers, into one raw image
+# what the chain must read: the raw disk with both layers' writes applied in order
+cp --sparse=always disk.raw expected.raw
+corefmt io -f raw -c 'write -P 0xcd 16k 8k' -c 'write -z 32M 64k' -c 'write -P 0xef 4k 4k' \
+    -c 'write -P 0x22 32M 4k' -c 'write -P 0x11 40M 64k' expected.raw > /dev/null
+corefmt compare -f raw -F raw expected.raw top-flat.raw
+corefmt compare top.fvd expected.raw
+
 echo "== the Python API"
 python3 - <<'PY'
 import corefmt
@@ -54,5 +71,6 @@ if command -v qemu-img >/dev/null; then
     qemu-img compare -f raw -F raw disk.raw copy.raw
     qemu-img check overlay.qcow2
     qemu-img compare -f qcow2 -F qcow2 overlay.qcow2 flat.qcow2
+    qemu-img compare -f raw -F raw expected.raw top-flat.raw   # qemu has no FVD driver
 fi
 echo "demo finished"
