@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from corefmt import BackingRef, OptionError
-from corefmt_fvd.header import MAX_JOURNAL_BYTES
 from corefmt_fvd.bitmap import FvdBitmap
+from corefmt_fvd.header import MAX_JOURNAL_BYTES
 from corefmt_fvd.layout import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_BYTES_PER_PREFETCH,
