@@ -120,6 +120,35 @@ def test_records_cover_every_chunk_of_a_block_copy_on_read_filled(tmp_path, sim_
         assert node.read(64 * KiB, 64 * KiB) == expected
 
 
+@pytest.mark.parametrize("options", ["", "compact_image=on,chunk_size=4096"])
+def test_a_failed_write_into_a_block_copy_on_read_filled_keeps_what_reads_show(
+        tmp_path, sim_path, options):
+    """Seen as 'sector 574 holds content that no allowed state has' (fvd over
+    qcow2 over raw): copy-on-read filled a block (only the in-memory bitmap
+    says so: a fill is never journaled); a write into it landed but failed;
+    reads showed its data, a flush succeeded, and after a power cut the block
+    read from the base again."""
+    base = tmp_path / "base.raw"
+    content = random.Random(6).randbytes(MiB)
+    base.write_bytes(content)
+    path = sim_path("top")
+    corefmt.create(path, "fvd", MiB, options=options, backing=str(base), backing_format="raw")
+    disk = _disk(path)
+    disk.sync()
+    node = corefmt.open(path, "fvd", copy_on_read=True)
+    node.read(4 * 64 * KiB, 512)  # copies block 4 up
+    node.flush()
+    disk.policy = _fail_first("write", tear_sectors=8)  # lands whole, then fails
+    with pytest.raises(CorefmtError):
+        node.write(4 * 64 * KiB + 4096, fill(4096, 3))
+    disk.policy = None
+    seen = node.read(4 * 64 * KiB, 64 * KiB)
+    node.flush()  # a flush after the read: what it showed must stay
+    _power_cut(node, disk)
+    with corefmt.open(path, "fvd") as node:
+        assert node.read(4 * 64 * KiB, 64 * KiB) == seen
+
+
 @pytest.mark.parametrize("options", ["compact_image=on,chunk_size=4096,journal_size=4096",
                                      "block_size=7680,journal_size=4096"])
 def test_a_create_failed_or_cut_anywhere_is_refused_or_new_and_clean(tmp_path, sim_path,

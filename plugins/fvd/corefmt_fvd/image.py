@@ -293,19 +293,33 @@ class FvdImage(Image):
             (head, view, tail))
         if head or tail:
             self.context.emit(events.COW_WRITE)
-        if self.table is not None:
-            allocated: list[int] = []
-            try:
+        allocated: list[int] = []
+        try:
+            if self.table is not None:
                 self._store_chunks(store_start, memoryview(payload), fill, allocated)
-            except BaseException:
-                # Reads must not see what a later flush will not journal:
-                # the chunks stay leaked, their entries empty again.
-                for chunk in allocated:
-                    self.table.entries[chunk] = EMPTY_ENTRY
-                raise
-        else:
-            self.data.write(self.data_offset + store_start, payload)
+            else:
+                self.data.write(self.data_offset + store_start, payload)
+        except BaseException:
+            # Reads must not see what a later flush will not journal: the
+            # chunks stay leaked, their entries empty again, and blocks only
+            # copy-on-read had put here (the write may have landed in them)
+            # read from the base again.
+            for chunk in allocated:
+                self.table.entries[chunk] = EMPTY_ENTRY
+            self._forget_fills(store_start, store_end)
+            raise
         self._note_written(store_start, store_end, fill)
+
+    def _forget_fills(self, start: int, end: int) -> None:
+        """Blocks of [start, end) set in the fresh bitmap only (by fills, never
+        journaled) read from the base again: the stale bitmap is untouched."""
+        bitmap, journaled = self.bitmap, self._journaled
+        if bitmap is None or journaled is None or start >= self.base_size:
+            return
+        block = bitmap.block_size
+        for index in range(start // block, -(-min(end, self.base_size) // block)):
+            if bitmap.test(index) and not journaled.test(index):
+                bitmap.bits[index >> 3] &= ~(1 << (index & 7)) & 0xFF
 
     def _note_written(self, start: int, end: int, fill: bool) -> None:
         """The in-memory metadata for stored data, and the records it needs."""
