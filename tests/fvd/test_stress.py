@@ -1,6 +1,9 @@
 """corefmt stress on FVD in the default run (short), and the bugs it found.
 
-The regressions below replay, on ``sim:`` disks, what failing stress seeds
+Races, I/O errors and power cuts (``--crash --errors``) over every option
+set the driver lists, alone and over a raw base, and over chains mixing
+FVD with raw and qcow2; ``tox -e stress-long`` runs the long version. The
+regressions after them replay, on ``sim:`` disks, what failing stress seeds
 did, reduced to the few requests that matter: each one fails with its fix
 undone."""
 
@@ -69,6 +72,41 @@ def _power_cut(node, *disks: SimDisk, seed: int = 0) -> None:
         node.close()
     for disk in disks:
         disk.restore(disk.crash_image or b"")
+
+
+#: Seeds per target: the sets whose storage grows by the default 100 MiB cost
+#: about a second a seed (their power cuts go through every sector).
+SEEDS, OPS = "5", "40"
+OPTION_SETS = FvdDriver.stress_option_sets
+#: Chains bottom first, the image under test last (its options: the defaults).
+CHAINS = {"fvd <- fvd": ("fvd", "fvd"), "qcow2 <- fvd": ("qcow2", "fvd"),
+          "fvd <- qcow2": ("fvd", "qcow2"), "raw <- fvd <- qcow2": ("raw,fvd", "qcow2"),
+          "raw <- qcow2 <- fvd": ("raw,qcow2", "fvd"), "raw <- fvd <- fvd": ("raw,fvd", "fvd")}
+
+
+def _stress(capsys, format: str, options: str = "", base: str = "") -> None:
+    args = ["stress", "--format", format, "--crash", "--errors", "--seeds", SEEDS,
+            "--ops", OPS]
+    if options:
+        args += ["-o", options]
+    if base:
+        args += ["--base", base]
+    status = main(args)
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "mismatches 0, check failures 0" in out, out
+
+
+@pytest.mark.parametrize("base", ["", "raw"], ids=["alone", "over-raw"])
+@pytest.mark.parametrize("options", OPTION_SETS, ids=[o or "defaults" for o in OPTION_SETS])
+def test_stress_crash_errors(options, base, capsys):
+    _stress(capsys, "fvd", options, base)
+
+
+@pytest.mark.parametrize("chain", CHAINS.values(), ids=CHAINS.keys())
+def test_stress_mixed_chains(chain, capsys):
+    base, top = chain
+    _stress(capsys, top, base=base)
 
 
 # -- regressions --------------------------------------------------------------------------
@@ -213,3 +251,4 @@ def test_a_relative_data_file_is_one_of_the_seeds_disks(tmp_path, monkeypatch):
     assert result.ok, result
     assert not list(tmp_path.iterdir())
     assert "sim:stress-0/stress.fvd-data" in cut, cut
+
