@@ -60,6 +60,15 @@ def add_stress_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--matrix", action="store_true",
                         help="test every installed format, alone and over each base, "
                              "and print a table (driver x results)")
+    parser.add_argument("--only", action="append", metavar="FORMAT",
+                        help="with --matrix: only the targets whose chain has this format "
+                             "(repeatable)")
+    parser.add_argument("--skip", action="append", metavar="FORMAT",
+                        help="with --matrix: leave out the targets whose chain has this "
+                             "format (repeatable)")
+    parser.add_argument("--spread", action="store_true",
+                        help="with --matrix: --seeds is the run's total, spread over the "
+                             "targets (each its own seeds), not the count per target")
     parser.add_argument("-v", "--verbose", action="store_true", help="one line per seed")
     parser.set_defaults(run=cmd_stress)
     return parser
@@ -81,6 +90,12 @@ def _config(args: argparse.Namespace) -> StressConfig:
             raise OptionError(f"Format {name} does not support backing files")
     if args.matrix and args.options:
         raise OptionError("-o applies to one format: use it with --format, not --matrix")
+    if (args.only or args.skip or args.spread) and not args.matrix:
+        raise OptionError("--only, --skip and --spread select matrix targets: use --matrix")
+    if args.spread and args.seed is not None:
+        raise OptionError("--seed replays one seed: it cannot be spread")
+    for name in [*(args.only or ()), *(args.skip or ())]:
+        registry.format(name)
     options = check_create_options(args.format, args.options)
     config = StressConfig(format=args.format, base=args.base, size=size, operations=args.ops,
                           crash=args.crash, errors=args.errors, copy_on_read=args.copy_on_read,
@@ -110,14 +125,31 @@ def matrix_targets(base_config: StressConfig) -> list[StressConfig]:
     return targets
 
 
+def select_targets(targets: list[StressConfig], only: list[str] | None,
+                   skip: list[str] | None) -> list[StressConfig]:
+    """The targets whose chain (bases and image under test) has a format of
+    ``only`` (all if None) and none of ``skip``."""
+    from corefmt.stress.runner import base_formats
+
+    def chain(config: StressConfig) -> set[str]:
+        return {*base_formats(config), config.format}
+    return [config for config in targets
+            if (not only or chain(config) & set(only)) and not chain(config) & set(skip or ())]
+
+
 def cmd_matrix(args: argparse.Namespace, base_config: StressConfig) -> int:
     from corefmt.stress.report import format_table, target_name, total
     from corefmt.stress.runner import run_seeds
     seeds = list(_seeds(args))
+    targets = select_targets(matrix_targets(base_config), args.only, args.skip)
+    if not targets:
+        raise OptionError("--only and --skip leave no matrix target")
     rows: list[tuple[str, StressSummary]] = []
-    for config in matrix_targets(base_config):
+    for index, config in enumerate(targets):
         started = time.monotonic()
-        summary = run_seeds(config, seeds, _reporter(config, args.verbose))
+        # Spread: target i runs every len(targets)-th seed from the i-th on.
+        own = seeds[index::len(targets)] if args.spread else seeds
+        summary = run_seeds(config, own, _reporter(config, args.verbose))
         rows.append((target_name(config), summary))
         print(f"{target_name(config)}: {summary.line()} "
               f"({time.monotonic() - started:.1f}s)", file=sys.stderr, flush=True)

@@ -252,3 +252,27 @@ def test_a_relative_data_file_is_one_of_the_seeds_disks(tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())
     assert "sim:stress-0/stress.fvd-data" in cut, cut
 
+
+def test_the_matrix_takes_fvd_targets_apart_and_spreads_seeds(capsys):
+    """stress-long: --skip fvd runs the matrix as before FVD came, --only fvd
+    the targets with FVD anywhere in the chain, --spread makes --seeds the
+    run's total (distinct seeds) instead of the count per target."""
+    from corefmt.cli.stress import matrix_targets, select_targets
+    from corefmt.stress.report import target_name
+
+    targets = matrix_targets(StressConfig(crash=True))
+    with_fvd = [target_name(config) for config in select_targets(targets, ["fvd"], None)]
+    without = [target_name(config) for config in select_targets(targets, None, ["fvd"])]
+    assert sorted(with_fvd + without) == sorted(target_name(config) for config in targets)
+    assert not [name for name in without if "fvd" in name]
+    for name in [*CHAINS, *(f"fvd -o {options}" if options else "fvd"
+                            for options in OPTION_SETS)]:
+        assert name in with_fvd, name
+    capsys.readouterr()
+    assert main(["stress", "--matrix", "--only", "fvd", "--skip", "raw", "--skip", "qcow2",
+                 "--spread", "--seeds", "7", "--ops", "3"]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()[2:-1]
+    assert len(rows) == 2 * len(OPTION_SETS)  # fvd alone and over fvd, every set
+    assert sum(int(row.split()[-6]) for row in rows) == 7
+    assert main(["stress", "--spread", "--seeds", "2"]) == 1
+    assert "--matrix" in capsys.readouterr().err
