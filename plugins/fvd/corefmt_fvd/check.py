@@ -465,6 +465,8 @@ class _Checker:
             if rewrite or copied:
                 image._metadata_changed = True
                 image.close_clean()
+            if copied:
+                image.zero_journal()  # old records would map the copies back
         if fix & CheckFix.LEAKS and not any(finding.kind == CORRUPTION and not finding.fixed
                                             for finding in self.findings):
             self.truncate_tail()

@@ -390,9 +390,13 @@ class FvdImage(Image):
         if self.data.size() < needed:
             self._grow_storage(needed)
         if physical < self._fresh_chunks_from:
-            # Leaked by a crash: old bytes; whatever this write does not cover
-            # must read as zeros (or come from the base, which the bitmap says).
-            self.data.write_zero_bytes(self.data_offset + physical * chunk_size, chunk_size)
+            # Maybe leaked by a crash, with old bytes: whatever this write does
+            # not cover must read as zeros (or come from the base, which the
+            # bitmap says). Storage grown but never written is a hole already.
+            host = self.data_offset + physical * chunk_size
+            is_data, run = self.data.data_run(host, chunk_size)
+            if is_data or run < chunk_size:
+                self.data.write_zeroes(host, chunk_size)
         self.used_chunks = physical + 1
         table.assign(chunk, physical, dirty=True)
 
@@ -445,21 +449,24 @@ class FvdImage(Image):
             self._write_metadata()
             return
         table = self.table
-        records: list[Any] = []
+        table_raw = b""
         if table is not None and self._pending_chunks:
-            records += table_records({chunk: table.entries[chunk]
-                                      for chunk in self._pending_chunks})
-        records += bitmap_records(self._pending_ranges)
-        raw = pack_records(records)
-        sectors = len(raw) // SECTOR
-        if sectors > journal.room():
+            table_raw = pack_records(table_records({chunk: table.entries[chunk]
+                                                    for chunk in self._pending_chunks}))
+        bitmap_raw = pack_records(bitmap_records(self._pending_ranges))
+        if (len(table_raw) + len(bitmap_raw)) // SECTOR > journal.room():
             self._write_metadata()
             return
         self._mark_unclean()
         self._data_barrier()
-        self.context.emit(events.JOURNAL_WRITE)
-        self.storage.write(journal.take(sectors), raw)
-        self.storage.flush()
+        # TABLE sectors are durable before the BITMAP records that send reads
+        # to their chunks: a torn journal write never marks a block whose
+        # chunk is unmapped (the base's data would read as zeros).
+        for raw in (table_raw, bitmap_raw):
+            if raw:
+                self.context.emit(events.JOURNAL_WRITE)
+                self.storage.write(journal.take(len(raw) // SECTOR), raw)
+                self.storage.flush()
         if table is not None:
             for chunk in self._pending_chunks:
                 table.clean(chunk)
@@ -485,6 +492,16 @@ class FvdImage(Image):
         self._pending_chunks.clear()
         self._pending_ranges.clear()
         self.journal.reset()
+
+    def zero_journal(self) -> None:
+        """Every journal sector zeroed (the lock is held, the metadata in place):
+        after a repair remaps a chunk, no old record may map it back."""
+        journal = self.journal
+        if journal.enabled:
+            self.context.emit(events.JOURNAL_WRITE)
+            self.storage.write_zeroes(journal.offset, journal.sectors * SECTOR)
+            self.storage.flush()
+            journal.reset()
 
     def flush(self) -> None:
         with self.lock:
