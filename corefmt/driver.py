@@ -201,6 +201,10 @@ class FormatDriver(abc.ABC):
     open_options: type = NoOptions
     #: attrs class of ``amend`` options; None: the format cannot amend.
     amend_options: type | None = None
+    #: Amend options that rename the backing image besides qemu's generic
+    #: ``backing_file``/``backing_fmt`` (FVD's ``base_img``): amend then opens
+    #: the image without its chain, so a moved backing can be named again.
+    amend_backing_options: tuple[str, ...] = ()
     #: Whether images of this format can have a backing image.
     supports_backing: bool = False
     #: Whether the format records the backing file's format (qcow v1 cannot:

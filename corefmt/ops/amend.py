@@ -170,8 +170,13 @@ def amend(image: str | Mapping[str, Any], format: str | None, text: str, *,
         raise AmendError(f"Invalid cache option: {cache}")
     direct, _durable = CACHE_MODES[cache]
     registry = registry or plugins.registry()
+    # Renaming the backing image must work when the old one is gone (a moved
+    # base): the chain below is then not opened.
+    renaming = set(GENERIC_BACKING_KEYS).union(
+        *(driver.amend_backing_options for driver in registry.formats.values()))
+    keep_chain = not any(key in renaming for key, _value in split_options(text))
     with open_chain(image, format, read_only=False, direct=direct, registry=registry,
-                    allow_protocols=allow_protocols) as node:
+                    allow_protocols=allow_protocols, backing=keep_chain) as node:
         if wants_help(text):
             return amend_option_help(node.format_name, registry)
         amend_node(node, text, progress)

@@ -154,14 +154,24 @@ def test_base_img_is_used(tmp_path, base):
     assert data[100:70100] == pattern(70000, 2)
 
 
-def test_moved_base_is_repaired_through_the_api(tmp_path, base):
-    """The CLI opens the chain (a missing base cannot be opened: spec §10 #2
-    in corefmt's amend too); opened without its backing, the image takes
-    the new path."""
+@pytest.mark.parametrize("option", ["base_img", "backing_file"])
+def test_moved_base_is_repaired(tmp_path, base, option):
+    """Renaming the base opens the image without its chain (spec §10 #2: the
+    2011 driver could not repair a moved base), so the old base may be gone."""
     path = make(tmp_path / "img.fvd", "journal_size=64k", base)
     expected = content(path)
     base.rename(tmp_path / "moved.raw")
-    assert amend(path, "base_img=moved.raw")[0] == 1
+    assert cli("info", path)[0] == 1
+    assert amend(path, f"{option}=moved.raw") == (0, "", "")
+    assert content(path) == expected
+    assert header(path).base_img == "moved.raw"
+
+
+def test_moved_base_is_repaired_through_the_api(tmp_path, base):
+    """Opened without its backing, the image takes the new path."""
+    path = make(tmp_path / "img.fvd", "journal_size=64k", base)
+    expected = content(path)
+    base.rename(tmp_path / "moved.raw")
     with corefmt.open(str(path), "fvd", backing=False) as node:
         node.layer().image.amend(FvdAmendOptions(base_img="moved.raw"))
     assert content(path) == expected

@@ -37,6 +37,7 @@ class FvdDriver(FormatDriver):
     create_options = FvdCreateOptions
     open_options = FvdOpenOptions
     amend_options = FvdAmendOptions
+    amend_backing_options = ("base_img", "base_img_fmt")
     supports_backing = True
     stress_option_sets = (
         "",
