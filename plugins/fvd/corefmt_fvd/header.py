@@ -80,9 +80,11 @@ def check_header(header: FvdHeader, path: str | None, file_size: int) -> None:
             raise _fail(path, 4292, f"journal size {journal} is not a positive multiple of "
                         f"{SECTOR} up to 4 GiB")
         regions.append(("journal", 4284, header.journal_offset, journal))
-    if header.metadata_size < HEADER_REGION or header.metadata_size % SECTOR:
-        raise _fail(path, 20, f"metadata size {header.metadata_size} is not a multiple of "
-                    f"{SECTOR} of at least {HEADER_REGION}")
+    # Any length: the 2011 driver added an unrounded journal_size to plain
+    # images' metadata (spec §10 #11), so their data may start off a sector.
+    if header.metadata_size < HEADER_REGION:
+        raise _fail(path, 20, f"metadata size {header.metadata_size} is less than "
+                    f"{HEADER_REGION}")
     placed: list[tuple[int, int, str]] = []
     for name, field, offset, length in regions:
         if offset % SECTOR or offset < HEADER_REGION or offset + length > header.metadata_size:
