@@ -157,8 +157,16 @@ class FvdCreateOptions(PrefetchTuning):
     def validate(self, has_base: bool) -> None:
         if self.detect_sparse_hole and self.compact_image:
             raise OptionError("detect_sparse_hole cannot be used with compact_image")
-        if self.detect_sparse_hole and not has_base:
-            raise OptionError("detect_sparse_hole needs a base image (-b)")
+        if not has_base:
+            given = [name for name in ("detect_sparse_hole", "copy_on_read")
+                     if getattr(self, name)]
+            given += [field.name for field in attrs.fields(PrefetchTuning)
+                      if getattr(self, field.name) is not None]
+            if self.prefetch_start_delay > 0:
+                given.append("prefetch_start_delay")
+            if given:
+                raise OptionError(f"{given[0]} needs a base image (-b): an image without "
+                                  "one has nothing to copy or prefetch")
         if self.data_file_fmt and not self.data_file:
             raise OptionError("data_file_fmt needs data_file")
         if self.add_storage_cmd and not self.compact_image:
