@@ -513,18 +513,20 @@ def test_hand_written_journal_replayed_compact(tmp_path):
 
 def test_plain_image_with_the_original_journal_size_quirk_opens(tmp_path):
     """The 2011 driver added an unrounded journal_size to a plain image's
-    metadata_size (spec §10 #11): its data start off a sector boundary."""
+    metadata_size (spec §10 #11) and counted the data offset in sectors:
+    the data start at the sector below metadata_size."""
     path = tmp_path / "quirk.fvd"
     metadata = 8192 + 1000
     header = layout.FvdHeader(all_data_in_fvd_img=1, virtual_disk_size=MiB, metadata_size=metadata,
                        clean_shutdown=1)
     data = random.Random(11).randbytes(4096)
-    path.write_bytes(header.pack_region() + bytes(1000) + data)
+    start = metadata - metadata % 512
+    path.write_bytes(header.pack_region() + bytes(start - 8192) + data)
     with corefmt.open(str(path)) as disk:
         assert disk.read(0, 4096) == data
         assert disk.read(4096, 4096) == bytes(4096)
     with corefmt.open(str(path), read_only=False) as disk:
         disk.write(8192, b"z" * 512)
     raw = path.read_bytes()
-    assert raw[metadata + 8192:metadata + 8704] == b"z" * 512
-    assert raw[metadata:metadata + 4096] == data
+    assert raw[start + 8192:start + 8704] == b"z" * 512
+    assert raw[start:start + 4096] == data

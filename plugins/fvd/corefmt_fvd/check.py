@@ -188,8 +188,8 @@ class _Checker:
 
     def check_header(self) -> None:
         header, image = self.header, self.image
-        if not header.data_file and header.metadata_size % PAGE:
-            self.warn(f"the data region starts at {header.metadata_size}, not on a {PAGE}-byte "
+        if not header.data_file and header.data_offset % PAGE:
+            self.warn(f"the data region starts at {header.data_offset}, not on a {PAGE}-byte "
                       "boundary")
         ends = [HEADER_REGION]
         if header.has_bitmap:

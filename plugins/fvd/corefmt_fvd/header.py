@@ -86,10 +86,11 @@ def check_header(header: FvdHeader, path: str | None, file_size: int) -> None:
         raise _fail(path, 20, f"metadata size {header.metadata_size} is less than "
                     f"{HEADER_REGION}")
     placed: list[tuple[int, int, str]] = []
+    metadata_end = header.metadata_size - header.metadata_size % SECTOR  # where data start
     for name, field, offset, length in regions:
-        if offset % SECTOR or offset < HEADER_REGION or offset + length > header.metadata_size:
+        if offset % SECTOR or offset < HEADER_REGION or offset + length > metadata_end:
             raise _fail(path, field, f"the {name} at {offset} ({length} bytes) lies outside "
-                        f"the metadata region [{HEADER_REGION}, {header.metadata_size})")
+                        f"the metadata region [{HEADER_REGION}, {metadata_end})")
         if offset + length > file_size:
             raise _fail(path, field, f"the {name} at {offset} ({length} bytes) lies past the "
                         f"end of the file ({file_size} bytes)")

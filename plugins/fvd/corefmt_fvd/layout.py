@@ -191,8 +191,9 @@ class FvdHeader:
 
     @property
     def data_offset(self) -> int:
-        """Where data sector 0 lives in its storage."""
-        return 0 if self.data_file else self.metadata_size
+        """Where data sector 0 lives in its storage (the original counts in
+        sectors: an unaligned metadata_size, spec §10 #11, rounds down)."""
+        return 0 if self.data_file else self.metadata_size - self.metadata_size % SECTOR
 
 
 @attrs.frozen
