@@ -25,6 +25,7 @@ at every open, read-only ones included, in memory (§10 #4).
 
 from __future__ import annotations
 
+import errno
 import os
 import shlex
 import stat
@@ -383,7 +384,8 @@ class FvdImage(Image):
         assert table is not None
         physical = self.used_chunks
         if physical > MAX_CHUNK_ID:
-            raise StorageError(f"{self.context.path}: FVD compact image has no chunk ids left")
+            raise StorageError(self.context.path, "chunk allocation", OSError(
+                errno.ENOSPC, "FVD compact image has no chunk ids left"))
         self.context.emit(events.CHUNK_ALLOC)
         chunk_size = self.chunk_size
         needed = self.data_offset + (physical + 1) * chunk_size
@@ -414,12 +416,13 @@ class FvdImage(Image):
                 subprocess.run(argv, check=True, timeout=ADD_STORAGE_TIMEOUT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             except (OSError, subprocess.SubprocessError) as error:
-                raise StorageError(f"{self.context.path}: add_storage_cmd failed: "
-                                   f"{error}") from None
+                raise StorageError(self.context.path, "add_storage_cmd", OSError(
+                    getattr(error, "errno", None) or errno.EIO, str(error))) from None
         else:
             self.data.truncate(max(self.data.size(), needed - self.chunk_size) + grow)
         if self.data.size() < needed:
-            raise StorageError(f"{self.context.path}: Could not allocate more storage space")
+            raise StorageError(self.context.path, "storage growth", OSError(
+                errno.ENOSPC, "Could not allocate more storage space"))
 
     # -- durability -------------------------------------------------------------------
     @property
