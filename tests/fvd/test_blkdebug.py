@@ -268,8 +268,27 @@ def _traced(base: Path, path: str, options: str) -> dict:
     return seen
 
 
+#: The default run's share of the grid: the ordered survivors (which catch a
+#: missing flush between ordered writes) and one random one, cut at the
+#: event and one request after it; ``-m slow`` runs all of it.
+SHORT_SURVIVORS: tuple[int | str, ...] = (0, "newest", "later-half")
+SHORT_CUT_AFTER = (0, 1)
+
+
 @pytest.mark.parametrize("options", OPTION_SETS.values(), ids=OPTION_SETS.keys())
 def test_a_power_cut_at_every_event_keeps_flushed_data(tmp_path, sim_path, capsys, options):
+    _power_cuts(tmp_path, sim_path, capsys, options, SHORT_CUT_AFTER, SHORT_SURVIVORS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", OPTION_SETS.values(), ids=OPTION_SETS.keys())
+def test_a_power_cut_at_every_event_keeps_flushed_data_long(tmp_path, sim_path, capsys,
+                                                            options):
+    _power_cuts(tmp_path, sim_path, capsys, options, CUT_AFTER, SURVIVORS)
+
+
+def _power_cuts(tmp_path, sim_path, capsys, options: str, cut_after: tuple[int, ...],
+                survivor_kinds: tuple[int | str, ...]) -> None:
     base = tmp_path / "base.raw"
     _random_base(base)
     seen = _traced(base, sim_path(), options)
@@ -277,7 +296,7 @@ def test_a_power_cut_at_every_event_keeps_flushed_data(tmp_path, sim_path, capsy
     assert set(EVENTS) - missing <= set(seen), set(EVENTS) - set(seen)
     for event in EVENTS:
         for occurrence, after, survivors in itertools.product(
-                _occurrences(seen.get(event, 0)), CUT_AFTER, SURVIVORS):
+                _occurrences(seen.get(event, 0)), cut_after, survivor_kinds):
             what = f"power cut {after} requests after {event} #{occurrence} ({survivors})"
             path = sim_path()
             cut = PowerCut([], occurrence, after, survivors)
