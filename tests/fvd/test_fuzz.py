@@ -20,11 +20,8 @@ from __future__ import annotations
 import os
 import random
 import re
-import signal
 import struct
 import tracemalloc
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import attrs
@@ -43,6 +40,7 @@ from corefmt_fvd.layout import (
 
 import corefmt
 from corefmt.errors import CorefmtError
+from tests.fuzzing import CaseTimeout, time_limit
 
 hypothesis = pytest.importorskip("hypothesis")
 st = hypothesis.strategies
@@ -205,24 +203,6 @@ def cases(draw: st.DrawFn, seeds: dict[str, Seed]) -> tuple[str, list[tuple[str,
 
 
 # -- running a case -----------------------------------------------------------------------
-class CaseTimeout(BaseException):
-    """Raised by the alarm; a BaseException so no driver ``except`` hides it."""
-
-
-@contextmanager
-def time_limit(seconds: float) -> Iterator[None]:
-    def expire(signum: int, frame: object) -> None:
-        raise CaseTimeout
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 def _clear(error: CorefmtError) -> None:
     text = str(error)
     assert text.strip() and "\n" not in text, f"not one clear line: {text!r}"

@@ -10,18 +10,16 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import signal
 import struct
 import subprocess
 import tracemalloc
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 import corefmt
 from corefmt.errors import CorefmtError
+from tests.fuzzing import CaseTimeout, time_limit
 
 hypothesis = pytest.importorskip("hypothesis")
 st = hypothesis.strategies
@@ -39,24 +37,6 @@ LONG_EXAMPLES = int(os.environ.get("QCOW2_FUZZ_EXAMPLES", "5000"))
 CASE_SECONDS = 2.0
 MEMORY_BOUND = 64 * MiB
 ADDRESS_SPACE_HEADROOM = 512 * MiB
-
-
-class CaseTimeout(BaseException):
-    """Raised by the alarm; a BaseException so no driver ``except`` hides it."""
-
-
-@contextmanager
-def time_limit(seconds: float) -> Iterator[None]:
-    def expire(signum: int, frame: object) -> None:
-        raise CaseTimeout
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def run(*args: str | Path) -> None:
