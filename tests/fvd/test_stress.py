@@ -23,6 +23,7 @@ from corefmt.cli.main import main
 from corefmt.storage.simulated import SimDisk, SimFault, SimRequest
 from corefmt.stress.runner import StressConfig, run_seed
 from tests.conftest import fill
+from tests.stressing import assert_stress_clean
 
 KiB, MiB = 1024, 1024 * 1024
 #: Survivor seeds per request of a create cut short (about one in ten keeps a
@@ -85,16 +86,7 @@ CHAINS = {"fvd <- fvd": ("fvd", "fvd"), "qcow2 <- fvd": ("qcow2", "fvd"),
 
 
 def _stress(capsys, format: str, options: str = "", base: str = "") -> None:
-    args = ["stress", "--format", format, "--crash", "--errors", "--seeds", SEEDS,
-            "--ops", OPS]
-    if options:
-        args += ["-o", options]
-    if base:
-        args += ["--base", base]
-    status = main(args)
-    out = capsys.readouterr().out
-    assert status == 0, out
-    assert "mismatches 0, check failures 0" in out, out
+    assert_stress_clean(capsys, format, options, base, seeds=SEEDS, ops=OPS)
 
 
 @pytest.mark.parametrize("base", ["", "raw"], ids=["alone", "over-raw"])

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from corefmt_qcow2.driver import Qcow2Driver
 
-from corefmt.cli.main import main
+from tests.stressing import assert_stress_clean
 
 pytestmark = pytest.mark.interop
 
@@ -19,13 +19,4 @@ OPTION_SETS = Qcow2Driver.stress_option_sets
 @pytest.mark.parametrize("base", ["", "raw", "qcow2"], ids=["alone", "over-raw", "over-qcow2"])
 @pytest.mark.parametrize("options", OPTION_SETS, ids=[o or "defaults" for o in OPTION_SETS])
 def test_stress_crash_errors(options, base, capsys):
-    args = ["stress", "--format", "qcow2", "--crash", "--errors", "--seeds", SEEDS,
-            "--ops", OPS]
-    if options:
-        args += ["-o", options]
-    if base:
-        args += ["--base", base]
-    status = main(args)
-    out = capsys.readouterr().out
-    assert status == 0, out
-    assert "mismatches 0, check failures 0" in out, out
+    assert_stress_clean(capsys, "qcow2", options, base, seeds=SEEDS, ops=OPS)
