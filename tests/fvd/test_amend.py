@@ -5,8 +5,6 @@ image grows only as far as its table region reaches (§10 #10)."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import random
 import shutil
 import struct
@@ -18,20 +16,13 @@ from corefmt_fvd.options import FvdAmendOptions
 
 import corefmt
 from corefmt import CorefmtError
-from corefmt.cli.main import main
+from tests.fvd.helpers import cli
 
 KiB, MiB = 1024, 1024 * 1024
 SIZE = 4 * MiB
 SECTOR = 512
 COMPACT = "compact_image=on,chunk_size=64k,storage_grow_unit=256k,journal_size=64k"
 CLEAN_SHUTDOWN = 4300
-
-
-def cli(*args: str | Path) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = main([str(arg) for arg in args])
-    return status, out.getvalue(), err.getvalue()
 
 
 def amend(path: Path, options: str) -> tuple[int, str, str]:

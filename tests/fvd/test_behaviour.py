@@ -25,6 +25,7 @@ from corefmt_fvd.layout import BitmapRecord, TableRecord, unpack_sector
 
 import corefmt
 from corefmt import CorefmtError
+from tests.fvd.helpers import random_base
 
 KiB, MiB = 1024, 1024 * 1024
 SECTOR = 512
@@ -33,16 +34,6 @@ EMPTY = 0xFFFFFFFF
 
 
 # -- helpers ------------------------------------------------------------------------------
-def random_base(path: Path, size: int, seed: int) -> bytes:
-    """Random bytes, no sector of them all zero."""
-    data = bytearray(random.Random(seed).randbytes(size))
-    for at in range(0, size, SECTOR):
-        if not any(data[at:at + SECTOR]):
-            data[at] = 1
-    path.write_bytes(data)
-    return bytes(data)
-
-
 def header_field(raw: bytes, offset: int, code: str) -> int:
     return struct.unpack_from("<" + code, raw, offset)[0]
 

@@ -34,6 +34,7 @@ from corefmt import CorefmtError, plugins
 from corefmt.cli.main import main
 from corefmt.filters.blkdebug import BlkdebugStorage
 from corefmt.storage.simulated import SimDisk, SimFault, SimRequest
+from tests.fvd.helpers import random_base
 
 KiB, MiB = 1024, 1024 * 1024
 SECTOR = 512
@@ -64,12 +65,7 @@ _names = itertools.count()
 
 
 def _random_base(path: Path) -> bytes:
-    data = bytearray(random.Random(7).randbytes(SIZE))
-    for at in range(0, SIZE, SECTOR):
-        if not any(data[at:at + SECTOR]):
-            data[at] = 1
-    path.write_bytes(data)
-    return bytes(data)
+    return random_base(path, SIZE, 7)
 
 
 @pytest.fixture

@@ -9,8 +9,6 @@ corruptions, 3 leaks only)."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import random
 import shutil
@@ -29,7 +27,7 @@ from corefmt_fvd.layout import (
 
 import corefmt
 from corefmt import CheckFix, ImageError
-from corefmt.cli.main import main
+from tests.fvd.helpers import cli
 
 KiB, MiB = 1024, 1024 * 1024
 CHUNK = 64 * KiB
@@ -42,13 +40,6 @@ CLEAN_SHUTDOWN = 4300
 
 
 # -- running ---------------------------------------------------------------------------
-def cli(*args: str | Path) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = main([str(arg) for arg in args])
-    return status, out.getvalue(), err.getvalue()
-
-
 def check(path: Path, *args: str) -> tuple[int, dict, list[str]]:
     """check --output=json: exit status, the document (no file name), stderr lines."""
     status, out, err = cli("check", "--output=json", *args, path)

@@ -41,6 +41,7 @@ from corefmt_fvd.layout import (
 import corefmt
 from corefmt.errors import CorefmtError
 from tests.fuzzing import CaseTimeout, time_limit
+from tests.fvd.helpers import random_base
 
 hypothesis = pytest.importorskip("hypothesis")
 st = hypothesis.strategies
@@ -93,12 +94,7 @@ class Seed:
 
 
 def _random_base(path: Path) -> bytes:
-    data = bytearray(random.Random(21).randbytes(SIZE))
-    for at in range(0, SIZE, SECTOR):
-        if not any(data[at:at + SECTOR]):
-            data[at] = 1
-    path.write_bytes(data)
-    return bytes(data)
+    return random_base(path, SIZE, 21)
 
 
 def _make_seed(folder: Path, name: str, options: str, base: Path | None) -> Seed:
