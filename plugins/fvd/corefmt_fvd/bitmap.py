@@ -73,13 +73,3 @@ class FvdBitmap:
 
     def all_set(self, first: int, end: int) -> bool:
         return self.run_end(first, True, end) >= min(end, self.blocks)
-
-    def merge(self, other: FvdBitmap) -> None:
-        """Set every bit ``other`` has."""
-        merged = int.from_bytes(self.bits, "little") | int.from_bytes(other.bits, "little")
-        self.bits[:] = merged.to_bytes(len(self.bits), "little")
-
-    def count(self) -> int:
-        """Blocks set (padding bits past the last block not counted)."""
-        value = int.from_bytes(self.bits, "little") & ((1 << self.blocks) - 1)
-        return value.bit_count()

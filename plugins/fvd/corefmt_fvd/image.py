@@ -36,7 +36,6 @@ from corefmt import (
     BackingRef,
     CheckFix,
     CheckResult,
-    CorefmtError,
     Extent,
     Image,
     ImageContext,
@@ -118,7 +117,6 @@ class FvdImage(Image):
         self._pending_ranges: list[tuple[int, int]] = []
         self._pending_chunks: set[int] = set()
         self._metadata_changed = False
-        self.replayed_records = 0
         if self.opened_unclean and self.journal.enabled and (self.bitmap or self.table):
             self._replay()
             self._metadata_changed = True
@@ -136,7 +134,6 @@ class FvdImage(Image):
         the table; a record naming chunks the table does not have is refused."""
         table, bitmap = self.table, self.bitmap
         for offset, record in replay_records(self.storage.read, self.journal):
-            self.replayed_records += 1
             if isinstance(record, BitmapRecord):
                 if bitmap is not None:
                     bitmap.set_range(record.first_sector * SECTOR, record.nb_sectors * SECTOR)
@@ -185,12 +182,6 @@ class FvdImage(Image):
 
     def has_zero_init(self) -> bool:
         return self.data.has_zero_init() or self.table is not None
-
-    def in_base(self, offset: int) -> bool:
-        """Whether the byte at ``offset`` still reads from the base image."""
-        bitmap = self.bitmap
-        return (bitmap is not None and offset < self.base_size
-                and not bitmap.test(offset // bitmap.block_size))
 
     def block_status(self, offset: int, length: int) -> Extent:
         end = min(offset + length, self.virtual_size)
@@ -585,5 +576,3 @@ def _is_device(path: str) -> bool:
         return False
     return stat.S_ISBLK(mode) or stat.S_ISCHR(mode)
 
-
-__all__ = ["COMMIT_AT_FLUSH", "COMMIT_AT_WRITE", "CorefmtError", "FvdImage"]
