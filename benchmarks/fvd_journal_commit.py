@@ -62,11 +62,11 @@ from qcow2_benchlib import (
     MiB,
     check_tools,
     load_line,
+    random_base,
     remove,
     run_child,
     spread,
     warm_page_cache,
-    write_extents,
 )
 
 ALIGN = 4 * KiB
@@ -127,12 +127,7 @@ print(json.dumps({"seconds": seconds, "syncs": loop_syncs}))
 
 # -- images -------------------------------------------------------------------------
 def prepare_base(workdir: str, size: int, seed: int) -> str:
-    """A raw base of random data in every block; reused when ``--dir`` kept it."""
-    path = os.path.join(workdir, f"base-{size}-{seed}-v{LAYOUT_VERSION}.raw")
-    if not os.path.exists(path):
-        write_extents(path, size, [(0, size)], seed)
-        print(f"built {path}")
-    return path
+    return random_base(workdir, size, seed, LAYOUT_VERSION)
 
 
 def write_offsets(disk_size: int, write_size: int, count: int, seed: int) -> list[int]:

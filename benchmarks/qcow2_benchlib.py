@@ -196,6 +196,16 @@ def write_extents(path: str, size: int, extents: Sequence[tuple[int, int]], seed
     os.rename(partial, path)
 
 
+def random_base(workdir: str, size: int, seed: int, layout_version: int) -> str:
+    """A raw base of pool data in every block, reused when the work folder
+    kept it (the layout version in its name retires old ones)."""
+    path = os.path.join(workdir, f"base-{size}-{seed}-v{layout_version}.raw")
+    if not os.path.exists(path):
+        write_extents(path, size, [(0, size)], seed)
+        print(f"built {path}")
+    return path
+
+
 def warm_page_cache(*paths: str) -> None:
     """Read files once so every timed run finds them in memory."""
     buffer = bytearray(WARMUP_CHUNK)

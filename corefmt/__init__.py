@@ -14,7 +14,7 @@ The Python API::
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
 from corefmt import sync
@@ -56,9 +56,13 @@ from corefmt.storage import Storage, StorageDriver
 
 if TYPE_CHECKING:
     from corefmt.cache import MetadataCache, TableHandle
+    from corefmt.fills import FillPolicy, PrefetchTuning
+    from corefmt.ops.prefetch import PrefetchStatus
 
 #: Names imported on first use: the CLI does not need them to start.
-_LAZY = {"MetadataCache": "corefmt.cache", "TableHandle": "corefmt.cache"}
+_LAZY = {"MetadataCache": "corefmt.cache", "TableHandle": "corefmt.cache",
+         "FillPolicy": "corefmt.fills", "PrefetchTuning": "corefmt.fills",
+         "PrefetchStatus": "corefmt.ops.prefetch"}
 
 __all__ = [
     "PROBE_CERTAIN",
@@ -75,6 +79,7 @@ __all__ = [
     "CorefmtError",
     "CreateContext",
     "Extent",
+    "FillPolicy",
     "Filter",
     "FilterContext",
     "FilterDriver",
@@ -89,6 +94,8 @@ __all__ = [
     "NotSupported",
     "OptionError",
     "PluginWarning",
+    "PrefetchStatus",
+    "PrefetchTuning",
     "RangeError",
     "ReadOnlyError",
     "RequestFlags",
@@ -106,6 +113,7 @@ __all__ = [
     "hookimpl",
     "open",
     "option",
+    "prefetch",
     "sync",
     "to_bool",
     "to_size",
@@ -128,7 +136,8 @@ def __dir__() -> list[str]:
 
 
 def open(image: str | Mapping[str, Any], format: str | None = None, *,
-         read_only: bool = False, backing: bool = True, copy_on_read: bool = False,
+         read_only: bool = False, backing: bool = True, copy_on_read: bool | str = False,
+         prefetch: bool = False,
          direct: bool = False, options: Mapping[str, Any] | None = None,
          allow_protocols: Collection[str] = (), force_share: bool = False) -> BlockNode:
     """Open an image with its graph; use it as a context manager.
@@ -139,10 +148,28 @@ def open(image: str | Mapping[str, Any], format: str | None = None, *,
     from images (backing and data files) may only name local files or the
     protocol the image is on, unless ``allow_protocols`` lists others.
     ``force_share`` takes no image locks (read-only use, qemu-img -U).
+    ``copy_on_read`` copies what reads fetch from below into the image
+    (True: as the image asks, FVD asynchronously; or "sync"/"async");
+    ``prefetch`` fills the whole image from below in the background while
+    it is in use (``node.filter.prefetcher`` reports and stops it).
     """
     return open_chain(image, format, read_only=read_only, backing=backing,
-                      copy_on_read=copy_on_read, direct=direct, options=options,
+                      copy_on_read=copy_on_read, prefetch=prefetch, direct=direct,
+                      options=options,
                       allow_protocols=allow_protocols, force_share=force_share)
+
+
+def prefetch(image: str | Mapping[str, Any], format: str | None = None, *,
+             progress: Callable[[int, int], None] | None = None, throttle: bool = True,
+             options: Mapping[str, Any] | None = None) -> PrefetchStatus:
+    """Copy everything the image reads from its backing chain into it
+    (``corefmt prefetch``). Resumable: fills are durable every 64 MiB, and a
+    rerun copies only what is still missing. When done, a format that can
+    record it (FVD) no longer needs its base."""
+    from corefmt.ops.prefetch import prefetch as prefetch_node
+
+    with open_chain(image, format, options=options) as node:
+        return prefetch_node(node, throttle=throttle, progress=progress)
 
 
 def compare(a: str, b: str, *, a_format: str | None = None, b_format: str | None = None,

@@ -58,6 +58,12 @@ corefmt io -f raw -c 'write -P 0xcd 16k 8k' -c 'write -z 32M 64k' -c 'write -P 0
 corefmt compare -f raw -F raw expected.raw top-flat.raw
 corefmt compare top.fvd expected.raw
 
+echo "== prefetch: everything top.fvd reads from below is copied into it; it then needs no base"
+corefmt prefetch -p top.fvd
+mv overlay.qcow2 overlay.qcow2.away   # the chain below is gone...
+corefmt compare -f fvd -F raw top.fvd expected.raw   # ...and top.fvd still reads the same
+mv overlay.qcow2.away overlay.qcow2
+
 echo "== the Python API"
 python3 - <<'PY'
 import corefmt

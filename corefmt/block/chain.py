@@ -133,6 +133,9 @@ class GraphBuilder:
             if backing:
                 for node in list(self.wanting_backing):
                     self._open_recorded_chain(node, top)
+            for node in self.opened:
+                if isinstance(node, FilterNode) and node.filter is not None:
+                    node.filter.graph_complete()
         except BaseException:
             self.close_all()
             raise
@@ -393,14 +396,17 @@ class GraphBuilder:
 
 
 def open_graph(image: str | Mapping[str, Any], format: str | None = None, *,
-               read_only: bool = False, backing: bool = True, copy_on_read: bool = False,
+               read_only: bool = False, backing: bool = True,
+               copy_on_read: bool | str = False, prefetch: bool = False,
                direct: bool = False, options: Mapping[str, Any] | None = None,
                registry: Registry | None = None,
                max_depth: int = MAX_CHAIN_DEPTH, allow_protocols: Collection[str] = (),
                force_share: bool = False, for_check: bool = False) -> BlockNode:
     """Open an image (filename, ``json:`` name or spec dict) with its graph.
 
-    ``copy_on_read`` puts a copy-on-read filter (sync mode) on top.
+    ``copy_on_read`` puts a copy-on-read filter on top (True: in the mode the
+    image asks for, FVD's asynchronous fills, else sync; or a mode name);
+    ``prefetch`` a prefetch filter above it (background prefetch).
     ``allow_protocols`` lists storage protocols (and ``json``) that names
     read from images may select; ``force_share`` opens without taking the
     image's locks (qemu-img -U), for read-only use.
@@ -409,6 +415,10 @@ def open_graph(image: str | Mapping[str, Any], format: str | None = None, *,
     spec = to_spec(image, format, options)
     if copy_on_read:
         spec = {KEY_DRIVER: "copy-on-read", KEY_FILE: spec}
+        if isinstance(copy_on_read, str):
+            spec["mode"] = copy_on_read
+    if prefetch:
+        spec = {KEY_DRIVER: "prefetch", KEY_FILE: spec}
     if force_share and not read_only:
         raise OptionError("force-share=on can only be used with read-only images")
     builder = GraphBuilder(registry, direct=direct, max_depth=max_depth,
@@ -425,7 +435,8 @@ def open_node(path: str, format: str | None = None, *, read_only: bool = False,
 
 
 def open_chain(path: str | Mapping[str, Any], format: str | None = None, *,
-               read_only: bool = False, backing: bool = True, copy_on_read: bool = False,
+               read_only: bool = False, backing: bool = True,
+               copy_on_read: bool | str = False, prefetch: bool = False,
                direct: bool = False, registry: Registry | None = None,
                max_depth: int = MAX_CHAIN_DEPTH,
                options: Mapping[str, Any] | None = None,
@@ -434,8 +445,8 @@ def open_chain(path: str | Mapping[str, Any], format: str | None = None, *,
     """Open ``path`` and (unless ``backing`` is False) every image below it
     (``for_check``: for ``check``, see ``ImageContext.for_check``)."""
     return open_graph(path, format, read_only=read_only, backing=backing,
-                      copy_on_read=copy_on_read, direct=direct, options=options,
-                      registry=registry, max_depth=max_depth,
+                      copy_on_read=copy_on_read, prefetch=prefetch, direct=direct,
+                      options=options, registry=registry, max_depth=max_depth,
                       allow_protocols=allow_protocols, force_share=force_share,
                       for_check=for_check)
 

@@ -430,6 +430,30 @@ class ImageNode(BlockNode):
                 self._changed()
         return written
 
+    def persist_fills(self) -> None:
+        """Make the fills so far durable: a flush, then the driver's own step
+        for fills it does not journal (FVD writes its bitmap in place). A
+        long prefetch calls this so an interruption loses little progress."""
+        self._check_writable()
+        self.flush()
+        if supports(self._image, "persist_fills"):
+            with self._tracker.track(0, WHOLE_IMAGE, exclusive=False):
+                self._image.persist_fills()
+
+    def mark_self_contained(self) -> bool:
+        """Every byte is in this layer (a prefetch finished): let the driver
+        record that the backing is no longer needed (FVD's all_data_in_fvd_img);
+        False where the format has no such record."""
+        self._check_writable()
+        if not supports(self._image, "mark_self_contained"):
+            return False
+        try:
+            with self._tracker.track(0, WHOLE_IMAGE, exclusive=True):
+                self._image.mark_self_contained()
+        finally:
+            self._changed()
+        return True
+
     def _fill_data(self, start: int, length: int, offset: int,
                    data: bytes | memoryview | None) -> bytes | bytearray:
         """Below's bytes for [start, start+length): from ``data`` where it covers

@@ -230,6 +230,14 @@ class BlockNode(abc.ABC):
         unallocated (copy-on-read, prefetch); returns the bytes written."""
         return self.layer().copy_up(offset, length, data)
 
+    def persist_fills(self) -> None:
+        """Make the fills so far durable (see ImageNode)."""
+        self.layer().persist_fills()
+
+    def mark_self_contained(self) -> bool:
+        """Record that the layer holds all its data (see ImageNode)."""
+        return self.layer().mark_self_contained()
+
     # -- checks -----------------------------------------------------------------
     def _check_writable(self) -> None:
         if self.read_only:

@@ -70,6 +70,10 @@ class Filter:
     def truncate(self, size: int) -> None:
         self.child.truncate(size)
 
+    def graph_complete(self) -> None:
+        """The whole graph is open, backing chains included (they open after
+        the nodes above them): start background work here."""
+
     def close(self) -> None:
         """Stop background work; the child is closed by the graph."""
 

@@ -1,7 +1,8 @@
 """copy-on-read: data read from below the filtered image is also written
 into it, so the next read of it is local.
 
-Two modes:
+Two modes (``auto``, the default, takes the one the image asks for in its
+fill policy: FVD's header asks for ``async``, everything else gets ``sync``):
 - ``sync`` (QEMU's copy-on-read filter): the read returns once the data
   is also stored in the image, widened to the image's copy granularity.
 - ``async`` (FVD's copy-on-read, spec section 7.1): the read returns at
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from corefmt import sync
+from corefmt.fills import COPY_ON_READ_ASYNC, COPY_ON_READ_SYNC, fill_policy
 from corefmt.filters.base import Filter, FilterContext, FilterDriver
 from corefmt.flags import RequestFlags
 from corefmt.options import choice, option, to_size
@@ -29,22 +31,21 @@ from corefmt.options import choice, option, to_size
 if TYPE_CHECKING:
     from corefmt.block.node import BlockNode
 
-MODE_SYNC = "sync"
-MODE_ASYNC = "async"
-#: FVD's stored default for max_outstanding_copy_on_read_data (spec 2.4).
-DEFAULT_MAX_OUTSTANDING = 2_000_000
+MODE_SYNC, MODE_ASYNC = COPY_ON_READ_SYNC, COPY_ON_READ_ASYNC
+MODE_AUTO = "auto"
 #: FVD replaces a bound below this many copy units by one unit (spec 10, item 12).
 MIN_OUTSTANDING_UNITS = 2
 
 
 @attrs.frozen
 class CopyOnReadOptions:
-    mode: str = option(MODE_SYNC, "sync: the read waits for the copy (QEMU); async: "
-                       "background fills, dropped when too many bytes are outstanding (FVD)",
-                       validator=choice(MODE_SYNC, MODE_ASYNC))
-    max_outstanding: int = option(DEFAULT_MAX_OUTSTANDING,
-                                  "async mode: bytes of fills in flight at most",
-                                  converter=to_size)
+    mode: str = option(MODE_AUTO, "sync: the read waits for the copy (QEMU); async: "
+                       "background fills, dropped when too many bytes are outstanding (FVD); "
+                       "auto: as the image asks (FVD: async)",
+                       validator=choice(MODE_AUTO, MODE_SYNC, MODE_ASYNC))
+    max_outstanding: int = option(0, "async mode: bytes of fills in flight at most (0: as "
+                                  "the image asks, FVD's max_outstanding_copy_on_read_data; "
+                                  "else 2 MB)", converter=to_size)
 
 
 class CopyOnReadFilter(Filter):
@@ -55,14 +56,16 @@ class CopyOnReadFilter(Filter):
         self._executor: ThreadPoolExecutor | None = None
         self._pending: set[Future[Any]] = set()
         self.fills_started = self.fills_dropped = 0
+        policy = fill_policy(child)
+        self.mode = policy.copy_on_read_mode if options.mode == MODE_AUTO else options.mode
         unit = max(child.limits.copy_granularity, 1)
-        limit = options.max_outstanding
+        limit = options.max_outstanding or policy.max_outstanding
         self.max_outstanding = unit if limit < MIN_OUTSTANDING_UNITS * unit else limit
 
     def readinto(self, offset: int, buf: memoryview, flags: RequestFlags) -> None:
         if self.child.read_only:  # may change: commit reopens images
             self.child.readinto(offset, buf, flags)
-        elif self.options.mode == MODE_SYNC:
+        elif self.mode == MODE_SYNC:
             self.child.readinto(offset, buf, flags | RequestFlags.COPY_ON_READ)
         else:
             self.child.readinto(offset, buf, flags & ~RequestFlags.COPY_ON_READ)
@@ -118,7 +121,7 @@ class CopyOnReadFilter(Filter):
             self._executor.shutdown(wait=True)
 
     def info(self) -> dict[str, Any]:
-        return {"mode": self.options.mode, "fills-started": self.fills_started,
+        return {"mode": self.mode, "fills-started": self.fills_started,
                 "fills-dropped": self.fills_dropped}
 
 

@@ -6,12 +6,13 @@ from corefmt.filters.blkdebug import BlkdebugDriver
 from corefmt.filters.blkverify import BlkverifyDriver
 from corefmt.filters.copy_on_read import CopyOnReadDriver
 from corefmt.filters.log import LogDriver
+from corefmt.filters.prefetch import PrefetchDriver
 from corefmt.filters.throttle import ThrottleDriver
 from corefmt.hookspecs import hookimpl
 
 
 @hookimpl
 def corefmt_register(registry) -> None:
-    for driver in (CopyOnReadDriver(), ThrottleDriver(), LogDriver(), BlkverifyDriver(),
-                   BlkdebugDriver()):
+    for driver in (CopyOnReadDriver(), PrefetchDriver(), ThrottleDriver(), LogDriver(),
+                   BlkverifyDriver(), BlkdebugDriver()):
         registry.add_filter(driver)

@@ -32,7 +32,9 @@ from corefmt_fvd import events
 import corefmt
 from corefmt import CorefmtError, plugins
 from corefmt.cli.main import main
+from corefmt.fills import PrefetchTuning
 from corefmt.filters.blkdebug import BlkdebugStorage
+from corefmt.ops.prefetch import Prefetcher
 from corefmt.storage.simulated import SimDisk, SimFault, SimRequest
 from tests.fvd.helpers import random_base
 
@@ -180,27 +182,38 @@ class Model:
                          f"{bad[:8]}; reading zeros: {zeros[:8]})")
 
 
+def _write(node, model: Model, offset: int, data: bytes) -> None:
+    """A guest write, and what the model may expect of it."""
+    try:
+        node.write(offset, data)
+    except CorefmtError:
+        model.write(offset, data, ok=False)
+        raise
+    model.write(offset, data, ok=True)
+
+
 def _workload(node, model: Model, rng: random.Random) -> None:
     """Partial-block writes (copy-on-write from the base), copy-on-read fills
     and a flush per round: enough commits to recycle the journal twice; then
     a fill of the last quarter, untouched so far, so that the close writes
-    blocks only a fill put in the image (their chunks in no record)."""
+    blocks only a fill put in the image (their chunks in no record); then a
+    prefetch to the end (its completion writes the header) and writes after it."""
     for _ in range(ROUNDS):
         for _ in range(3):
             length = rng.randrange(1, 12) * SECTOR - rng.choice((0, 0, 100))
             offset = rng.randrange(0, WORKLOAD_END - length)
-            data = rng.randbytes(length)
-            try:
-                node.write(offset, data)
-            except CorefmtError:
-                model.write(offset, data, ok=False)
-                raise
-            model.write(offset, data, ok=True)
+            _write(node, model, offset, rng.randbytes(length))
         start = rng.randrange(0, WORKLOAD_END - 64 * KiB)
         node.read(start, rng.randrange(1, 64 * KiB))  # copy-on-read fills
         node.flush()
         model.flushed()
     node.read(SIZE - 128 * KiB, 128 * KiB)
+    Prefetcher(node, PrefetchTuning(slots=1), throttle=False).run()
+    for _ in range(2):
+        offset = rng.randrange(0, SIZE - 8 * KiB)
+        _write(node, model, offset, rng.randbytes(rng.randrange(1, 8 * KiB)))
+    node.flush()
+    model.flushed()
 
 
 def _run(base: Path, path: str, options: str, rules: dict | None,
@@ -213,7 +226,7 @@ def _run(base: Path, path: str, options: str, rules: dict | None,
     for disk in machine:
         disk.sync()
     model = Model(base.read_bytes())
-    node = corefmt.open(_spec(path, rules or {}), copy_on_read=True)
+    node = corefmt.open(_spec(path, rules or {}), copy_on_read="sync")  # fills in turn
     blkdebug = node.layer().storage
     assert isinstance(blkdebug, BlkdebugStorage)
     if cut is not None:

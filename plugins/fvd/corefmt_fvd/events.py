@@ -11,6 +11,8 @@ DATA_BARRIER = "fvd_data_barrier"
 CHUNK_ALLOC = "fvd_chunk_alloc"
 COW_WRITE = "cow_write"
 CLOSE_FLUSH = "fvd_close_flush"
+#: Prefetch completion, just before all_data_in_fvd_img reaches the header.
+PREFETCH_FINISH = "fvd_prefetch_finish"
 
 ALL = (JOURNAL_WRITE, TABLE_UPDATE, BITMAP_UPDATE, HEADER_UPDATE, DATA_BARRIER, CHUNK_ALLOC,
-       COW_WRITE, CLOSE_FLUSH)
+       COW_WRITE, CLOSE_FLUSH, PREFETCH_FINISH)

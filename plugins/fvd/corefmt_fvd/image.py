@@ -46,6 +46,7 @@ from corefmt import (
     StorageError,
     sync,
 )
+from corefmt.fills import FillPolicy
 from corefmt_fvd import events
 from corefmt_fvd.bitmap import FvdBitmap
 from corefmt_fvd.header import unpack_header
@@ -117,6 +118,8 @@ class FvdImage(Image):
         self._pending_ranges: list[tuple[int, int]] = []
         self._pending_chunks: set[int] = set()
         self._metadata_changed = False
+        #: Fills since the metadata was last written in place (never journaled).
+        self._unpersisted_fills = False
         if self.opened_unclean and self.journal.enabled and (self.bitmap or self.table):
             self._replay()
             self._metadata_changed = True
@@ -256,6 +259,76 @@ class FvdImage(Image):
             if not fill and self.commit_mode == COMMIT_AT_WRITE:
                 self._commit()
 
+    def write_zeroes(self, offset: int, length: int, unmap: bool = False,
+                     flags: RequestFlags | int = 0) -> None:
+        """Zeros without writing zero bytes where the layout allows: whole
+        blocks are zeroed in the data storage (compact: in whole chunks, see
+        _zero_chunks); partial blocks still in the base take the write path."""
+        fill = bool(int(flags) & _FILL)
+        end = offset + length
+        with self.lock:
+            start, stop = self._whole_blocks(offset, end)
+            if start >= stop:
+                self._write_slow(offset, memoryview(bytes(length)), fill)
+            else:
+                if start > offset:
+                    self._write_slow(offset, memoryview(bytes(start - offset)), fill)
+                self._zero_run(start, stop, fill)
+                if end > stop:
+                    self._write_slow(stop, memoryview(bytes(end - stop)), fill)
+            if not fill and self.commit_mode == COMMIT_AT_WRITE:
+                self._commit()
+
+    def _whole_blocks(self, start: int, end: int) -> tuple[int, int]:
+        """The part of [start, end) that needs no copy-on-write: whole blocks
+        (or anything in a block this image holds, or past the base)."""
+        bitmap = self.bitmap
+        if bitmap is None:
+            return start, end
+        block = bitmap.block_size
+        if start < self.base_size and start % block and not bitmap.test(start // block):
+            start = min(start - start % block + block, end)
+        if end < self.base_size and end % block and not bitmap.test(end // block):
+            end = max(end - end % block, start)
+        return start, end
+
+    def _zero_run(self, start: int, end: int, fill: bool) -> None:
+        allocated: list[int] = []
+        try:
+            if self.table is None:
+                self.data.write_zeroes(self.data_offset + start, end - start)
+            else:
+                self._zero_chunks(start, end, fill, allocated)
+        except BaseException:
+            for chunk in allocated:
+                self.table.entries[chunk] = EMPTY_ENTRY
+            self._forget_fills(start, end)
+            raise
+        self._note_written(start, end, fill)
+
+    def _zero_chunks(self, start: int, end: int, fill: bool, allocated: list[int]) -> None:
+        """Whole chunks are zeroed without zero bytes: a new chunk reads as
+        zeros already (an EMPTY one past the base stays EMPTY), a mapped one
+        is zeroed in the storage. A marked block always has its chunk (check's
+        rule), so a range the base holds still gets one."""
+        table = self.table
+        assert table is not None
+        chunk_size = self.chunk_size
+        position = start
+        while position < end:
+            chunk = position // chunk_size
+            piece_end = min((chunk + 1) * chunk_size, end)
+            if position % chunk_size or piece_end - position < chunk_size:
+                self._store_chunks(position, memoryview(bytes(piece_end - position)), fill,
+                                   allocated)
+            elif table.physical(chunk) is not None:
+                host = self.data_offset + table.physical(chunk) * chunk_size
+                self.data.write_zeroes(host, chunk_size)
+            elif position < self.base_size:
+                self._allocate(chunk)  # zeroed there if it was storage used before
+                allocated.append(chunk)
+            position = piece_end
+
     def _plain(self, start: int, end: int) -> bool:
         """Whether a write needs no copy-on-write and no metadata: a plain
         image, or blocks already durable in this image (the fast path)."""
@@ -316,6 +389,7 @@ class FvdImage(Image):
     def _note_written(self, start: int, end: int, fill: bool) -> None:
         """The in-memory metadata for stored data, and the records it needs."""
         self._metadata_changed = True
+        self._unpersisted_fills = self._unpersisted_fills or fill
         first, last = start, end  # what the TABLE records cover
         bitmap = self.bitmap
         if bitmap is not None and start < self.base_size:
@@ -485,6 +559,7 @@ class FvdImage(Image):
             self._journaled = None
         self._pending_chunks.clear()
         self._pending_ranges.clear()
+        self._unpersisted_fills = False
         self.journal.reset()
 
     def zero_journal(self) -> None:
@@ -533,6 +608,27 @@ class FvdImage(Image):
             self.opened_unclean = False
         else:
             self.data.flush()
+
+    # -- fills (copy-on-read, prefetch) ----------------------------------------------
+    def fill_policy(self) -> FillPolicy:
+        from corefmt_fvd.fills import fill_policy
+
+        return fill_policy(self.header)
+
+    def persist_fills(self) -> None:
+        """Fills durable (prefetch checkpoints): the metadata in place, data
+        first, as a recycle does; they are never journaled (spec §3.2)."""
+        with self.lock:
+            if self._unpersisted_fills:
+                self._write_metadata()
+
+    def mark_self_contained(self) -> None:
+        """Prefetch finished (§7.2): every bit set, the metadata in place, then
+        all_data_in_fvd_img, so later opens never open the base."""
+        from corefmt_fvd.fills import mark_self_contained
+
+        with self.lock:
+            mark_self_contained(self)
 
     # -- size -------------------------------------------------------------------------
     def truncate(self, size: int) -> None:
