@@ -18,9 +18,11 @@ Self-throttling, when on:
 - corefmt's foreground trigger, for fast links where the floor never
   fires: the image's own requests (reported by the prefetch filter) are
   timed while prefetch runs and while it is paused; when they take more
-  than ``max_foreground_slowdown`` times as long, prefetch pauses the same
-  way. A short probe pause measures the idle latency when it is unknown
-  or old.
+  than ``max_foreground_slowdown`` times as long, prefetch pauses, twice
+  as long each time in a row (from 50 ms up to the throttle time), and
+  half as long once they keep up: prefetch's share of the time settles
+  where the foreground stays within the bound. A short probe pause
+  measures the idle latency when it is unknown or old.
 
 When nothing is left below, the fills are made durable and the driver may
 record that the backing is no longer needed (FVD's all_data_in_fvd_img).
@@ -60,6 +62,9 @@ PROBE_SECONDS = 0.2
 MIN_LATENCY_SAMPLES = 16
 #: Foreground requests older than this do not count as a foreground workload.
 FOREGROUND_IDLE_AFTER = 1.0
+#: The first pause for a slowed foreground; doubled while it stays slow,
+#: halved when it keeps up (seconds).
+FOREGROUND_PAUSE = 0.05
 #: 1 KB in the original's thresholds, and milliseconds per second.
 KB, MS = 1024, 1000
 
@@ -195,6 +200,7 @@ class Prefetcher:
         self._stores = _Throughput(tuning.write_measure_ms, tuning.alpha_percent,
                                    tuning.min_write_kbs)
         self._latency = _Latency()
+        self._foreground_pause = FOREGROUND_PAUSE
 
     # -- control ----------------------------------------------------------------
     def start(self, delay: float = 0.0) -> None:
@@ -411,8 +417,18 @@ class Prefetcher:
             self._pause_for(PROBE_SECONDS, count=False)
             return
         slowdown = latency.slowdown()
-        if slowdown is not None and slowdown > self.tuning.max_foreground_slowdown:
-            self._maybe_pause(latency.reset_busy)
+        if slowdown is None:
+            return
+        if slowdown > self.tuning.max_foreground_slowdown:
+            # Pause longer each time in a row, up to the throttle time: the
+            # share of time prefetch runs settles where the foreground keeps up.
+            pause = self._foreground_pause
+            self._foreground_pause = min(pause * 2, max(self.tuning.throttle_ms / MS, pause))
+            self._pause_for(pause * self.rng.uniform(0.5, 1.5))
+        else:
+            self._foreground_pause = max(self._foreground_pause / 2, FOREGROUND_PAUSE)
+            with self._lock:
+                latency.reset_busy()  # the next comparison starts afresh
 
     def _maybe_pause(self, otherwise: Callable[[], None]) -> None:
         """FVD's coin: pause, or forget the estimate and carry on."""

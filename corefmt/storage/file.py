@@ -121,6 +121,10 @@ class FileStorage(Storage):
         # not resize an image this one has open (as with qemu). It changes
         # only under self._resize_lock.
         self._known_size = info.st_size if self.regular else self._device_size()
+        #: The last data/hole run probed, (start, end, is_data), kept only on a
+        #: read-only file (a base: nothing here changes it): a chain's reads ask
+        #: about the same long run once per request otherwise.
+        self._last_run: tuple[int, int, bool] | None = None
 
     # -- helpers --------------------------------------------------------------
     def _error(self, operation: str, error: OSError) -> StorageError:
@@ -415,7 +419,13 @@ class FileStorage(Storage):
         file_size = self.size()
         if offset >= file_size:
             return False, length
-        is_data, run_end = self._probe_run(offset, file_size)
+        last = self._last_run
+        if last is not None and last[0] <= offset < last[1]:
+            is_data, run_end = last[2], last[1]
+        else:
+            is_data, run_end = self._probe_run(offset, file_size)
+            if self.read_only:
+                self._last_run = (offset, run_end, is_data)
         if not is_data and run_end >= file_size:
             run_end = offset + length  # the hole runs on past the end of the file
         return is_data, min(run_end, offset + length) - offset

@@ -94,7 +94,7 @@ ATTRIBUTES = [
     ("journal_size=64k", True, "max_outstanding_copy_on_read_data=1M",
      {"max_outstanding_copy_on_read_data": MiB}),
     ("journal_size=64k", True, "max_num_outstanding_prefetch_writes=7", {"num_prefetch_slots": 7}),
-    ("journal_size=64k", True, "bytes_per_prefetch=100k",  # rounded up to the 64 KiB block
+    ("journal_size=64k,block_size=64k", True, "bytes_per_prefetch=100k",  # up to a block
      {"bytes_per_prefetch": 128 * KiB}),
     ("journal_size=64k", True, "prefetch_min_read_throughput_threshold=99",
      {"prefetch_min_read_throughput": 99}),

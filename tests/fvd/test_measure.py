@@ -70,9 +70,9 @@ def test_compact_size():
 
 
 def test_with_a_base():
-    """-o backing_file: a bitmap for a base as large as the disk (64 KiB
-    blocks: 16384 bits, a 4 KiB bitmap), the journal; nothing required."""
-    metadata = HEADER_REGION + 4096 + JOURNAL_DEFAULT
+    """-o backing_file: a bitmap for a base as large as the disk (4 KiB
+    blocks: 256 Ki bits, a 32 KiB bitmap), the journal; nothing required."""
+    metadata = HEADER_REGION + 32 * KiB + JOURNAL_DEFAULT
     assert measure("-o", "backing_file=base.raw,backing_fmt=raw", "--size", "1G") == (
         metadata, metadata + GiB)
     # 512-byte blocks: 2 Mi bits, a 256 KiB bitmap (the spec's §2.4 example).

@@ -260,20 +260,27 @@ def test_worked_example_created_byte_for_byte(tmp_path, monkeypatch, example):
     _check_regions(image, bitmap, table, journal, metadata_size)
 
 
-def test_default_block_size_is_64k(tmp_path, monkeypatch):
-    """§10 #13: corefmt's automatic block size starts at 64 KiB (not the
+def test_default_block_size_is_4k(tmp_path, monkeypatch):
+    """§10 #13: corefmt's automatic block size starts at 4 KiB (not the
     2011 driver's 512 bytes) and doubles while the bitmap passes 4 MiB."""
     monkeypatch.chdir(tmp_path)
     _sparse(tmp_path / "base.raw", GiB)
     corefmt.create("a.fvd", "fvd", GiB, backing="base.raw", backing_format="raw")
     raw = (tmp_path / "a.fvd").read_bytes()
+    bitmap = GiB // (4 * KiB) // 8
     values = {"magic": 0x5143F5A9, "version": 1, "virtual_disk_size": GiB,
-              "clean_shutdown": 1, **_base_defaults(64 * KiB, GiB, "base.raw"),
-              "bitmap_size": 4096, "journal_offset": 8192 + 4096, "journal_size": 16 * MiB,
-              "metadata_size": 8192 + 4096 + 16 * MiB}
+              "clean_shutdown": 1, **_base_defaults(4 * KiB, GiB, "base.raw"),
+              "bitmap_size": bitmap, "journal_offset": 8192 + bitmap,
+              "journal_size": 16 * MiB, "metadata_size": 8192 + bitmap + 16 * MiB}
     assert raw[:HEADER_REGION] == pack_header(values)
-    _check_regions(tmp_path / "a.fvd", (8192, 4096), None, (12288, 16 * MiB),
+    _check_regions(tmp_path / "a.fvd", (8192, bitmap), None, (8192 + bitmap, 16 * MiB),
                    values["metadata_size"])
+    # 128 GiB fills a 4 MiB bitmap at 4 KiB; 4 KiB more doubles the block
+    for base_size, block in ((128 * GiB, 4 * KiB), (128 * GiB + 4 * KiB, 8 * KiB)):
+        _sparse(tmp_path / "mid.raw", base_size)
+        corefmt.create("m.fvd", "fvd", base_size, backing="mid.raw", backing_format="raw")
+        with open(tmp_path / "m.fvd", "rb") as file:
+            assert field(file.read(HEADER_REGION), "block_size") == block, base_size
     # 2 TiB + 64 KiB of base: 64 KiB blocks need a bitmap over 4 MiB -> 128 KiB
     big = 2 * TiB + 64 * KiB
     _sparse(tmp_path / "big.raw", big)

@@ -42,7 +42,8 @@ HOLE_SCAN_READ = 1024 * 1024
 
 
 def automatic_block_size(base_size: int) -> int:
-    """64 KiB, doubled while the bitmap would pass 4 MiB (the original's cap)."""
+    """4 KiB (a guest file system's block: its writes copy nothing), doubled
+    while the bitmap would pass 4 MiB (the original's cap)."""
     block = DEFAULT_BLOCK_SIZE
     while div_round_up(div_round_up(base_size, block), 8) > MODERATE_BITMAP_SIZE:
         block *= 2
