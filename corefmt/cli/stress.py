@@ -50,6 +50,9 @@ def add_stress_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="inject EIO/ENOSPC (and torn writes) into chosen requests")
     parser.add_argument("--no-copy-on-read", dest="copy_on_read", action="store_false",
                         help="leave copy-on-read off in chains")
+    parser.add_argument("--no-prefetch", dest="prefetch", action="store_false",
+                        help="no prefetch in chains (ranges racing the workload, and "
+                             "in some seeds the whole image to completion)")
     parser.add_argument("--no-delays", dest="delays", action="store_false",
                         help="complete racing storage requests in issue order (no reordering)")
     parser.add_argument("--real-files", dest="real_files", action="store_true",
@@ -99,8 +102,8 @@ def _config(args: argparse.Namespace) -> StressConfig:
     options = check_create_options(args.format, args.options)
     config = StressConfig(format=args.format, base=args.base, size=size, operations=args.ops,
                           crash=args.crash, errors=args.errors, copy_on_read=args.copy_on_read,
-                          delays=args.delays, options=options, real_files=args.real_files,
-                          direct=args.direct)
+                          prefetch=args.prefetch, delays=args.delays, options=options,
+                          real_files=args.real_files, direct=args.direct)
     check_config(config)
     return config
 
@@ -185,6 +188,7 @@ def cmd_stress(args: argparse.Namespace) -> int:
     started = time.monotonic()
     summary = run_seeds(config, seeds, _reporter(config, args.verbose))
     elapsed = time.monotonic() - started
-    print(f"seeds {summary.seeds} in {elapsed:.1f}s", file=sys.stderr)
+    prefetch = f", {summary.prefetch_line()}" if config.prefetch and config.base else ""
+    print(f"seeds {summary.seeds} in {elapsed:.1f}s{prefetch}", file=sys.stderr)
     print(summary.line())
     return EXIT_OK if summary.ok else EXIT_MISMATCH

@@ -10,6 +10,12 @@ their own (``CREATE_TAG``, and n, n+1 for closing and reopening), so a
 seed can also fail or cut a create, a close or an open. The choices added
 for those phases come from their own random streams: a seed's workload and
 its faults on workload requests stay what they were.
+
+A whole-image prefetch makes many requests, and what matters most comes
+last: the fills made durable, then the driver's record that the base is no
+longer needed. For a share of the seeds that have one, its fault (power cut
+or error) is counted from its first flush (where completion begins), so it
+lands inside completion.
 """
 
 from __future__ import annotations
@@ -44,6 +50,15 @@ CUT_OR_ERROR = 0.5
 CREATE_TAG = -2
 #: Names of the random streams of the phase choices (apart from the workload's).
 DROP_STREAM, LIFECYCLE_STREAM, CREATE_STREAM = "drop", "lifecycle", "create"
+PREFETCH_STREAM = "prefetch"
+#: Share of whole-image prefetches whose fault is moved into their completion...
+COMPLETION_FAULT_SHARE = 0.5
+#: ... at one of its first requests from the first flush on (FVD's completion
+#: makes about ten: flushes, table, bitmap, header); later means after it.
+COMPLETION_SPAN = 12
+#: Completion starts with this request kind (a prefetch's fills never flush
+#: before: checkpoints come every 64 MiB).
+COMPLETION_STARTS = "flush"
 
 
 @attrs.frozen
@@ -67,6 +82,9 @@ class FaultPlan:
     crash_seed: int = 0
     #: The power goes before this request of the crash tag on the crash disk.
     crash_index: int = 0
+    #: Tags whose request indices count from their first request of this kind.
+    anchors: dict[int, str] = attrs.field(factory=dict)
+    _anchored: dict[tuple[str, int], int] = attrs.field(factory=dict)
     #: Every disk of the machine: a power cut takes them all at once.
     machine: list[SimDisk] = attrs.field(factory=list)
     fired: set[int] = attrs.field(factory=set)
@@ -75,14 +93,17 @@ class FaultPlan:
     def __call__(self, request: SimRequest) -> SimFault | None:
         if request.tag == NO_TAG:
             return None
+        index = self._index(request)
+        if index is None:
+            return None
         if (request.tag == self.crash_tag and request.disk == self.crash_disk
-                and request.index == self.crash_index):
+                and index == self.crash_index):
             for disk in self.machine:
                 if disk.name != request.disk:
                     disk.power_cut(random.Random(f"{self.crash_seed}:{disk.name}"))
             return SimFault(power_cut=self.crash_seed)
         planned = self.errors.get(request.tag)
-        if planned is not None and request.index == planned.index:
+        if planned is not None and index == planned.index:
             with self.lock:
                 fire = request.tag not in self.fired
                 self.fired.add(request.tag)
@@ -92,6 +113,19 @@ class FaultPlan:
                 return SimFault(error=error, tear_sectors=planned.tear_sectors,
                                 drop_cache=drop)
         return None
+
+    def _index(self, request: SimRequest) -> int | None:
+        """The request's index for this plan: from its tag's anchor, if it has
+        one (None before it)."""
+        kind = self.anchors.get(request.tag)
+        if kind is None:
+            return request.index
+        key = (request.disk, request.tag)
+        with self.lock:
+            if key not in self._anchored and request.kind == kind:
+                self._anchored[key] = request.index
+            start = self._anchored.get(key)
+        return None if start is None else request.index - start
 
     def cut_machine(self) -> None:
         """The power goes now (no-op for disks that already lost it)."""
@@ -113,9 +147,10 @@ def _error(rng: random.Random, drops: random.Random, index: int) -> PlannedError
 
 
 def plan_faults(rng: random.Random, seed: int, operations: int, *, errors: bool,
-                crash_disk: str | None) -> FaultPlan:
+                crash_disk: str | None, prefetch_tag: int | None = None) -> FaultPlan:
     """Faults of the workload's ops (tags 0..operations-1) and of the close
-    that follows it (tag ``operations``)."""
+    that follows it (tag ``operations``); ``prefetch_tag`` names the op of a
+    whole-image prefetch, whose completion may take the fault."""
     plan = FaultPlan(seed)
     drops = random.Random(f"{seed}:{DROP_STREAM}")
     lifecycle = random.Random(f"{seed}:{LIFECYCLE_STREAM}")
@@ -133,7 +168,27 @@ def plan_faults(rng: random.Random, seed: int, operations: int, *, errors: bool,
         if lifecycle.random() < CLOSE_CUT_SHARE:
             plan.crash_tag = operations
             plan.crash_index = lifecycle.randint(0, MAX_PHASE_FAULT_INDEX)
+    if prefetch_tag is not None:
+        _fault_completion(plan, random.Random(f"{seed}:{PREFETCH_STREAM}"), prefetch_tag,
+                          operations, drops, errors=errors)
     return plan
+
+
+def _fault_completion(plan: FaultPlan, rng: random.Random, tag: int, close_tag: int,
+                      drops: random.Random, *, errors: bool) -> None:
+    """For some seeds, the power cut (crash runs whose cut is in the workload,
+    not in the close) or else an error lands in the completion of the
+    prefetch ``tag``; every fault of that tag then counts from its anchor."""
+    if rng.random() >= COMPLETION_FAULT_SHARE:
+        return
+    index = rng.randint(0, COMPLETION_SPAN)
+    if plan.crash_disk is not None and plan.crash_tag != close_tag:
+        plan.crash_tag, plan.crash_index = tag, index
+    elif errors:
+        plan.errors[tag] = _error(rng, drops, index)
+    else:
+        return
+    plan.anchors[tag] = COMPLETION_STARTS
 
 
 def plan_reopen(seed: int, tag: int, disk: str, *, cut: bool, error: bool) -> FaultPlan | None:

@@ -6,6 +6,7 @@ power cut (``durable``: its state at the last completed flush, or any state
 it went through since). Requests of one batch race, so a sector written by
 several of them may end in any order of their effects; a request that
 failed may have landed, torn at a sector boundary, or not at all.
+Prefetch ops change no sector: only whether they fail is judged.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class Outcome:
     data: bytes | None = attrs.field(default=None, repr=False)
     #: Whether the simulated storage failed this request on purpose (or lost power).
     injected: bool = False
+    #: A whole-image prefetch had the driver record that the base is no longer needed.
+    self_contained: bool = False
 
 
 @attrs.define

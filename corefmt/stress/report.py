@@ -20,6 +20,10 @@ class StressSummary:
     mismatches: int = 0
     check_failures: int = 0
     failed_seeds: list[int] = attrs.field(factory=list)
+    #: Whole-image prefetches completed, and how many the driver recorded as
+    #: leaving the image self-contained (each checked after the reopen).
+    prefetches_completed: int = 0
+    self_contained: int = 0
 
     def add(self, result: SeedResult) -> None:
         self.seeds += 1
@@ -28,6 +32,8 @@ class StressSummary:
         self.errors_injected += result.errors_injected
         self.mismatches += result.mismatch_count
         self.check_failures += len(result.check_failures)
+        self.prefetches_completed += result.prefetches_completed
+        self.self_contained += int(result.self_contained)
         if not result.ok:
             self.failed_seeds.append(result.seed)
 
@@ -39,6 +45,10 @@ class StressSummary:
         return (f"operations {self.operations}, crashes {self.crashes}, "
                 f"errors injected {self.errors_injected}, mismatches {self.mismatches}, "
                 f"check failures {self.check_failures}")
+
+    def prefetch_line(self) -> str:
+        return (f"prefetches completed {self.prefetches_completed}, "
+                f"self-contained {self.self_contained}")
 
 
 def replay_command(config: StressConfig, seed: int) -> str:
@@ -55,6 +65,8 @@ def replay_command(config: StressConfig, seed: int) -> str:
         words.append("--errors")
     if not config.copy_on_read:
         words.append("--no-copy-on-read")
+    if not config.prefetch:
+        words.append("--no-prefetch")
     if not config.delays:
         words.append("--no-delays")
     if config.real_files:
@@ -115,4 +127,6 @@ def total(summaries: list[StressSummary]) -> StressSummary:
         for _, field in TABLE_COLUMNS:
             setattr(combined, field, getattr(combined, field) + getattr(summary, field))
         combined.failed_seeds.extend(summary.failed_seeds)
+        combined.prefetches_completed += summary.prefetches_completed
+        combined.self_contained += summary.self_contained
     return combined

@@ -19,6 +19,14 @@ failed a request fails itself; an open cut short changes nothing that a
 later open sees. A close flushes: once it has succeeded, a power cut
 keeps everything.
 
+In a chain, prefetch races the guest's requests (``Prefetcher.copy_range``)
+and some seeds run one whole-image prefetch to completion. Fills change
+nothing the guest sees, so the model only judges their errors; a prefetch
+that completed and had the driver record that the base is no longer
+needed (FVD's all_data_in_fvd_img, written and flushed before it returns)
+must hold after every later open, power cut or not: the image then opens
+without its base, shows what the model allows and reports no backing.
+
 The power goes for the whole machine: every disk the seed uses loses its
 unflushed writes at once. Only the image under test and its data files
 are written; lower layers are opened read-only (copy-on-read fills the
@@ -50,6 +58,8 @@ from corefmt.block.queue import RequestQueue
 from corefmt.capabilities import CheckFix, call_check
 from corefmt.driver import supports
 from corefmt.errors import CorefmtError, OptionError
+from corefmt.fills import PrefetchTuning
+from corefmt.ops.prefetch import Prefetcher
 from corefmt.storage.simulated import SimDisk, SimStorageDriver, request_tag
 from corefmt.stress.defaults import DEFAULT_OPERATIONS, DEFAULT_SIZE
 from corefmt.stress.faults import (
@@ -68,6 +78,8 @@ from corefmt.stress.workload import (
     DISCARD,
     FLUSH,
     MAX_BATCH,
+    PREFETCH,
+    PREFETCH_ALL,
     READ,
     SECTOR_SIZE,
     WRITE,
@@ -87,6 +99,12 @@ SCHEDULE_STREAM = "schedule"
 CHECK_TAG = -3
 #: How long a batch on real files may take before the run calls it a hang.
 REAL_BATCH_SECONDS = 120.0
+#: Copy-on-read in chains waits for its fills (sync): asynchronous fills
+#: (FVD's own mode) run on a thread the batch scheduler cannot see.
+COPY_ON_READ_MODE = "sync"
+#: Prefetch in the request's own thread: one slot starts no reader thread,
+#: and without throttling it never sleeps, so the scheduler sees every wait.
+PREFETCH_TUNING = PrefetchTuning(slots=1)
 
 
 @attrs.frozen
@@ -101,6 +119,8 @@ class StressConfig:
     crash: bool = False
     errors: bool = False
     copy_on_read: bool = True
+    #: In chains, prefetch ops race the workload (and some seeds prefetch it all).
+    prefetch: bool = True
     #: Racing requests complete in a seed-chosen order (else in the order issued).
     delays: bool = True
     #: ``-o`` create options of the image under test (not of the base).
@@ -124,6 +144,11 @@ class SeedResult:
     #: Batches that ran unscheduled (a thread blocked outside ``corefmt.sync``):
     #: their interleaving, and so this result, may differ on replay.
     stalls: int = 0
+    #: Whole-image prefetches that ran to completion (0 or 1).
+    prefetches_completed: int = 0
+    #: A completed prefetch had the driver record that the base is no longer
+    #: needed (then checked after the reopen).
+    self_contained: bool = False
 
     @property
     def ok(self) -> bool:
@@ -146,8 +171,13 @@ def _run_op(node: BlockNode, op: Op, injected: Callable[[int, bool], bool],
         return _outcome(node, op, injected)
 
 
+def _prefetcher(node: BlockNode) -> Prefetcher:
+    return Prefetcher(node, PREFETCH_TUNING, throttle=False)
+
+
 def _outcome(node: BlockNode, op: Op, injected: Callable[[int, bool], bool]) -> Outcome:
     data: bytes | None = None
+    contained = False
     try:
         with request_tag(op.tag):
             if op.kind == READ:
@@ -161,9 +191,14 @@ def _outcome(node: BlockNode, op: Op, injected: Callable[[int, bool], bool]) -> 
                 node.discard(op.offset, op.length)
             elif op.kind == FLUSH:
                 node.flush()
+            elif op.kind == PREFETCH:
+                _prefetcher(node).copy_range(op.offset, op.length)
+            elif op.kind == PREFETCH_ALL:
+                contained = _prefetcher(node).run().self_contained
     except Exception as error:  # every failure is judged by the model
         return Outcome(False, _describe(error), injected=injected(op.tag, True))
-    return Outcome(True, data=data, injected=injected(op.tag, False))
+    return Outcome(True, data=data, injected=injected(op.tag, False),
+                   self_contained=contained)
 
 
 def _describe(error: BaseException) -> str:
@@ -224,6 +259,7 @@ class _SeedRun:
                            for depth in range(len(self.base_formats))]
         #: What each lower layer's disk held when the workload started.
         self.lower_content: dict[str, bytes] = {}
+        self.prefetching = config.prefetch and bool(self.base_formats)
 
     # -- disks ------------------------------------------------------------------------
     def _disks(self) -> list[SimDisk]:
@@ -239,7 +275,7 @@ class _SeedRun:
             return True
         return failed and any(disk.dead for disk in disks)
 
-    def _open(self, path: str, format: str, **options: bool) -> BlockNode:
+    def _open(self, path: str, format: str, **options: bool | str) -> BlockNode:
         return corefmt.open(path, format, direct=self.config.direct, **options)
 
     # -- the run ----------------------------------------------------------------------
@@ -273,10 +309,14 @@ class _SeedRun:
         model = ImageModel(initial)
         with self._open(self.top_path, config.format, read_only=True, backing=False) as probe:
             granularity = probe.limits.copy_granularity
-        batches = generate(rng, config.size, config.operations, granularity)
+        batches = generate(rng, config.size, config.operations, granularity,
+                           prefetch=self.prefetching)
         count = sum(len(batch) for batch in batches)
+        prefetch_tag = next((op.tag for batch in batches for op in batch
+                             if op.kind == PREFETCH_ALL), None)
         plan = plan_faults(rng, self.seed, count, errors=config.errors,
-                           crash_disk=self.top_path if config.crash else None)
+                           crash_disk=self.top_path if config.crash else None,
+                           prefetch_tag=prefetch_tag)
         self._interrupted_create(contents)
         disks = self._disks()
         plan.machine = disks
@@ -287,8 +327,8 @@ class _SeedRun:
         for disk in disks:
             disk.policy = plan
             disk.gate = scheduler.hold if scheduler is not None else None
-        node = self._open(self.top_path, config.format,
-                          copy_on_read=config.copy_on_read and config.base is not None)
+        cor = config.copy_on_read and config.base is not None
+        node = self._open(self.top_path, config.format, copy_on_read=cor and COPY_ON_READ_MODE)
         try:
             self._workload(node, model, batches, scheduler)
         finally:
@@ -296,7 +336,7 @@ class _SeedRun:
                 disk.gate = None
             if config.crash and plan.crash_tag != count:
                 plan.cut_machine()  # the power goes before the close
-            self._close(node, model, count)
+            closed = self._close(node, model, count)
             for disk in disks:
                 disk.policy = None
         if config.crash:
@@ -307,7 +347,9 @@ class _SeedRun:
                 disk.restore(disk.crash_image or b"")
         else:
             self._check_lower_layers(crashed=False)
-        self._verify_reopen(model, durable=config.crash, tag=count + 1)
+        # A close that failed made nothing durable for sure: what it did not
+        # flush may be gone, as after a power cut (a failed fsync may drop it).
+        self._verify_reopen(model, durable=config.crash or not closed, tag=count + 1)
 
     def _create_images(self) -> tuple[bytes, list[bytes]]:
         """Create the chain; returns what the top image shows and what the
@@ -355,6 +397,7 @@ class _SeedRun:
                 outcomes = [future.result() for future in futures]
                 self.result.operations += len(batch)
                 self._problem(model.apply_batch(batch, outcomes))
+                self._note_prefetch(node, batch, outcomes)
                 if any(disk.dead for disk in self._disks()):
                     return
         if self.config.crash:
@@ -367,6 +410,20 @@ class _SeedRun:
                 self._problem([f"after the workload: reading the image failed: {error}"])
             return
         self._problem(model.check_current(content, "after the workload"))
+
+    def _note_prefetch(self, node: BlockNode, batch: list[Op], outcomes: list[Outcome]
+                       ) -> None:
+        """Count a completed whole-image prefetch; a driver that can record
+        that its base is no longer needed must have done so (nothing raced it)."""
+        for op, outcome in zip(batch, outcomes, strict=True):
+            if op.kind != PREFETCH_ALL or not outcome.ok:
+                continue
+            self.result.prefetches_completed += 1
+            self.result.self_contained = outcome.self_contained
+            image = getattr(node.layer(), "image", None)
+            if not outcome.self_contained and supports(image, "mark_self_contained"):
+                self._failure(f"{op.describe()}: the prefetch finished, but the image "
+                              "did not record that its base is no longer needed")
 
     def _await(self, futures: list[concurrent.futures.Future[Outcome]],
                scheduler: BatchScheduler | None) -> None:
@@ -385,9 +442,10 @@ class _SeedRun:
                 self.result.stalls += 1
             progress = scheduler.handovers
 
-    def _close(self, node: BlockNode, model: ImageModel, tag: int) -> None:
+    def _close(self, node: BlockNode, model: ImageModel, tag: int) -> bool:
         """Close under the fault plan: a close writes (metadata, dirty flags) and
-        flushes, so once it succeeds a power cut must keep everything."""
+        flushes, so once it succeeds a power cut must keep everything. False
+        when it failed."""
         try:
             with request_tag(tag):
                 node.close()
@@ -395,9 +453,10 @@ class _SeedRun:
             if not self._injected(tag, True):
                 self._problem([f"closing the image failed without an injected error: "
                                f"{_describe(error)}"])
-            return
+            return False
         if not any(disk.dead for disk in self._disks()):
             model.flushed()
+        return True
 
     def _check_lower_layers(self, crashed: bool) -> None:
         """Lower layers are read-only: nothing may change them, power or not."""
@@ -511,12 +570,15 @@ class _SeedRun:
 
     def _verify_reopen(self, model: ImageModel, durable: bool, tag: int) -> None:
         """Reopen the top image: it opens, holds what it must, checks clean, works."""
-        what = "after the power cut" if durable else "after reopening"
+        what = ("after the power cut" if self.config.crash else
+                "after a failed close, reopening" if durable else "after reopening")
         if not self.config.real_files:
-            plan = plan_reopen(self.seed, tag, self.top_path, cut=durable,
+            plan = plan_reopen(self.seed, tag, self.top_path, cut=self.config.crash,
                                error=self.config.errors)
             if plan is not None:
                 self._faulted_open(plan, tag, f"{what}, then a faulted open")
+        if self.result.self_contained:
+            self._verify_without_base(model, durable, what)
         try:
             node = self._open(self.top_path, self.config.format)
         except CorefmtError as error:
@@ -539,6 +601,23 @@ class _SeedRun:
             if problem:
                 self._failure(f"{what}: {problem}")
 
+    def _verify_without_base(self, model: ImageModel, durable: bool, what: str) -> None:
+        """After a recorded prefetch completion the base is not needed: the
+        image opened without it shows what the model allows."""
+        what = f"{what}, opened without its base after the prefetch completed"
+        try:
+            with self._open(self.top_path, self.config.format, read_only=True,
+                            backing=False) as node:
+                content = node.read(0, model.size)
+        except CorefmtError as error:
+            self._problem([f"{what}: {error}"])
+            return
+        except Exception as error:
+            self._failure(f"{what}: {_describe(error)}")
+            return
+        checked = model.check_durable if durable else model.check_current
+        self._problem(checked(content, what))
+
     def _verify_node(self, node: BlockNode, model: ImageModel, durable: bool,
                      what: str) -> None:
         size = node.virtual_size
@@ -548,6 +627,9 @@ class _SeedRun:
         content = node.read(0, model.size)
         checked = model.check_durable if durable else model.check_current
         self._problem(checked(content, what))
+        if self.result.self_contained and node.layer().backing is not None:
+            self._failure(f"{what}: the prefetch completed and was recorded, "
+                          "but the image still opens its base")
         self._check_image(node, what)
         self._probe_write(node, content, what)
 

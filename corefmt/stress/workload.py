@@ -3,6 +3,12 @@
 Each batch runs at once, so its requests race; the generator keeps at most
 ``MAX_WRITERS_PER_SECTOR`` writers on any sector within a batch, which keeps
 the model's set of possible orders small.
+
+Over a base, prefetch joins in: PREFETCH fills a range from the chain
+below while guest requests race it, and in a seeded share of runs one
+batch near the end is a lone PREFETCH_ALL (the whole image, to completion,
+where a driver may record that the base is no longer needed), followed by
+ordinary batches: guest requests after completion must still work.
 """
 
 from __future__ import annotations
@@ -25,9 +31,22 @@ HOT_SHARE = 0.4
 STRADDLE_SHARE = 0.3
 
 READ, WRITE, ZERO, DISCARD, FLUSH = "read", "write", "zero", "discard", "flush"
+PREFETCH, PREFETCH_ALL = "prefetch", "prefetch-all"
 #: Requests that change the image.
 WRITE_KINDS = frozenset({WRITE, ZERO, DISCARD})
+#: Fills from below: they change nothing a guest can see.
+PREFETCH_KINDS = frozenset({PREFETCH, PREFETCH_ALL})
 KIND_WEIGHTS = {READ: 34, WRITE: 36, ZERO: 10, DISCARD: 8, FLUSH: 12}
+#: Weight of PREFETCH among the kinds above (modest: the guest's requests
+#: are the workload, prefetch races them).
+PREFETCH_WEIGHT = 8
+#: Share of PREFETCH ranges drawn up to PREFETCH_MAX, many copy units at once.
+PREFETCH_LARGE_SHARE = 0.3
+PREFETCH_MAX = 1024 * 1024
+#: Share of runs with a whole-image prefetch, and how many ordinary requests
+#: follow it (a few batches, with flushes among them).
+PREFETCH_ALL_SHARE = 1 / 3
+PREFETCH_ALL_AFTER = (6, 16)
 
 
 @attrs.frozen
@@ -50,8 +69,8 @@ class Op:
         return range(self.offset // SECTOR_SIZE, -(-self.end // SECTOR_SIZE))
 
     def describe(self) -> str:
-        if self.kind == FLUSH:
-            return f"op {self.tag} flush"
+        if self.kind in (FLUSH, PREFETCH_ALL):
+            return f"op {self.tag} {self.kind}"
         return f"op {self.tag} {self.kind} {self.offset}+{self.length}"
 
 
@@ -89,21 +108,37 @@ def _extent(rng: random.Random, size: int, aligned: bool,
     return offset, length
 
 
-def generate(rng: random.Random, size: int, operations: int,
-             granularity: int = SECTOR_SIZE) -> list[list[Op]]:
-    """About ``operations`` requests in batches of 1..MAX_BATCH concurrent ones,
-    sized around the image's copy granularity."""
-    kinds = list(KIND_WEIGHTS)
-    weights = list(KIND_WEIGHTS.values())
+def _prefetch_extent(rng: random.Random, size: int, granularity: int) -> tuple[int, int]:
+    """A prefetch range: like a read's, or large (up to PREFETCH_MAX)."""
+    if rng.random() >= PREFETCH_LARGE_SHARE:
+        return _extent(rng, size, rng.random() < 0.5, granularity)
+    length = rng.randint(1, min(PREFETCH_MAX, size))
+    return rng.randrange(0, size - length + 1), length
+
+
+def _prefetch_all_at(rng: random.Random, operations: int) -> int | None:
+    """The tag of this run's whole-image prefetch, if it has one: near the end."""
+    if operations < 1 or rng.random() >= PREFETCH_ALL_SHARE:
+        return None
+    return max(operations - 1 - rng.randint(*PREFETCH_ALL_AFTER), 0)
+
+
+def _batches(rng: random.Random, size: int, tag: int, stop: int, granularity: int,
+             weights: dict[str, int]) -> list[list[Op]]:
+    """Batches of ordinary requests with tags tag..stop-1."""
+    kinds, chances = list(weights), list(weights.values())
     batches: list[list[Op]] = []
-    tag = 0
-    while tag < operations:
+    while tag < stop:
         batch: list[Op] = []
         writers: dict[int, int] = {}
-        for _ in range(min(rng.randint(1, MAX_BATCH), operations - tag)):
-            kind = rng.choices(kinds, weights)[0]
+        for _ in range(min(rng.randint(1, MAX_BATCH), stop - tag)):
+            kind = rng.choices(kinds, chances)[0]
             if kind == FLUSH:
                 batch.append(Op(tag, FLUSH))
+                tag += 1
+                continue
+            if kind == PREFETCH:
+                batch.append(Op(tag, PREFETCH, *_prefetch_extent(rng, size, granularity)))
                 tag += 1
                 continue
             offset, length = _extent(rng, size, kind == DISCARD or rng.random() < 0.5,
@@ -120,3 +155,19 @@ def generate(rng: random.Random, size: int, operations: int,
             tag += 1
         batches.append(batch)
     return batches
+
+
+def generate(rng: random.Random, size: int, operations: int,
+             granularity: int = SECTOR_SIZE, prefetch: bool = False) -> list[list[Op]]:
+    """About ``operations`` requests in batches of 1..MAX_BATCH concurrent ones,
+    sized around the image's copy granularity; ``prefetch`` (a chain) adds
+    PREFETCH ops and, in some runs, a lone PREFETCH_ALL batch. Without it the
+    random stream is consumed as it always was: old seeds keep their workload."""
+    if not prefetch:
+        return _batches(rng, size, 0, operations, granularity, KIND_WEIGHTS)
+    weights = {**KIND_WEIGHTS, PREFETCH: PREFETCH_WEIGHT}
+    at = _prefetch_all_at(rng, operations)
+    if at is None:
+        return _batches(rng, size, 0, operations, granularity, weights)
+    return [*_batches(rng, size, 0, at, granularity, weights), [Op(at, PREFETCH_ALL)],
+            *_batches(rng, size, at + 1, operations, granularity, weights)]

@@ -2,7 +2,10 @@
 
 Races, I/O errors and power cuts (``--crash --errors``) over every option
 set the driver lists, alone and over a raw base, and over chains mixing
-FVD with raw and qcow2; ``tox -e stress-long`` runs the long version. The
+FVD with raw and qcow2; over a base, prefetch races the workload and some
+seeds prefetch the whole image to completion (all_data_in_fvd_img), with
+power cuts and errors landing inside it. ``tox -e stress-long`` runs the
+long version. The
 regressions after them replay, on ``sim:`` disks, what failing stress seeds
 did, reduced to the few requests that matter: each one fails with its fix
 undone."""
@@ -21,7 +24,7 @@ import corefmt
 from corefmt import CorefmtError, plugins
 from corefmt.cli.main import main
 from corefmt.storage.simulated import SimDisk, SimFault, SimRequest
-from corefmt.stress.runner import StressConfig, run_seed
+from corefmt.stress.runner import StressConfig, run_seed, run_seeds
 from tests.conftest import fill
 from tests.stressing import assert_stress_clean
 
@@ -99,6 +102,43 @@ def test_stress_crash_errors(options, base, capsys):
 def test_stress_mixed_chains(chain, capsys):
     base, top = chain
     _stress(capsys, top, base=base)
+
+
+#: Seeds per prefetch target: about one in ten completes a whole-image
+#: prefetch (a third have one, and the power often goes before it).
+PREFETCH_SEEDS = 40
+#: The compact set whose storage grows in small steps (power cuts stay cheap).
+COMPACT_SET = next(options for options in OPTION_SETS
+                   if "compact_image=on" in options and "storage_grow_unit" in options)
+
+
+@pytest.mark.parametrize("base", ["raw", "qcow2"])
+@pytest.mark.parametrize("options", ["", COMPACT_SET], ids=["defaults", "compact"])
+def test_prefetch_races_the_workload_and_completes_through_cuts_and_errors(options, base):
+    """Fills racing guest requests change nothing the guest sees; a finished
+    prefetch records all_data_in_fvd_img, and the image then opens without
+    its base (the runner checks each one after the reopen)."""
+    config = StressConfig(format="fvd", base=base, options=options, crash=True, errors=True)
+    summary = run_seeds(config, range(PREFETCH_SEEDS))
+    assert (summary.mismatches, summary.check_failures) == (0, 0), (
+        f"{summary.line()}; failed seeds {summary.failed_seeds}")
+    assert summary.prefetches_completed >= 1
+    assert summary.self_contained == summary.prefetches_completed
+
+
+#: Seeds 1, 7, 8, 9 and 11 complete a whole-image prefetch (no faults).
+COMPLETING_SEEDS = range(12)
+
+
+def test_a_completion_the_header_never_records_is_caught(monkeypatch):
+    """The judge can fail: FVD claims the prefetch is recorded but leaves the
+    header as it was, so the reopened image still opens its base."""
+    from corefmt_fvd import fills
+
+    monkeypatch.setattr(fills, "mark_self_contained", lambda image: None)
+    summary = run_seeds(StressConfig(format="fvd", base="raw"), COMPLETING_SEEDS)
+    assert summary.prefetches_completed >= 1
+    assert summary.check_failures == summary.prefetches_completed, summary.line()
 
 
 # -- regressions --------------------------------------------------------------------------

@@ -20,3 +20,11 @@ OPTION_SETS = Qcow2Driver.stress_option_sets
 @pytest.mark.parametrize("options", OPTION_SETS, ids=[o or "defaults" for o in OPTION_SETS])
 def test_stress_crash_errors(options, base, capsys):
     assert_stress_clean(capsys, "qcow2", options, base, seeds=SEEDS, ops=OPS)
+
+
+@pytest.mark.parametrize("base", ["", "raw"], ids=["alone", "over-raw"])
+def test_stress_errors_without_power_cuts(base, capsys):
+    """A close that fails on an injected error has flushed nothing for sure:
+    the reopen may find what it did not flush gone (a failed fsync may drop
+    it), as after a power cut."""
+    assert_stress_clean(capsys, "qcow2", "", base, seeds="30", ops=OPS, crash=False)
