@@ -56,6 +56,10 @@ def parse_option_string(text: str) -> dict[str, str]:
     return result
 
 
+#: The words ``to_bool`` takes.
+BOOLEAN_WORDS = _TRUE_WORDS | _FALSE_WORDS
+
+
 def to_bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value

@@ -27,7 +27,7 @@ from corefmt.block.node import ROLE_BACKING, BlockNode
 from corefmt.driver import BackingRef, FormatDriver, ImageContext, accepts_keyword
 from corefmt.errors import BackingChainError, CorefmtError, OptionError
 from corefmt.filters.base import LAYER_STORAGE, FilterContext
-from corefmt.options import build_options, to_bool
+from corefmt.options import BOOLEAN_WORDS, build_options, to_bool
 from corefmt.registry import PROBE_HEAD_SIZE, Registry
 from corefmt.storage import locking
 from corefmt.storage.base import Storage
@@ -133,9 +133,10 @@ class GraphBuilder:
             if backing:
                 for node in list(self.wanting_backing):
                     self._open_recorded_chain(node, top)
-            for node in self.opened:
-                if isinstance(node, FilterNode) and node.filter is not None:
-                    node.filter.graph_complete()
+            for node in self.opened:  # filters that predate the hook lack it
+                started = getattr(getattr(node, "filter", None), "graph_complete", None)
+                if isinstance(node, FilterNode) and callable(started):
+                    started()
         except BaseException:
             self.close_all()
             raise
@@ -413,6 +414,8 @@ def open_graph(image: str | Mapping[str, Any], format: str | None = None, *,
     """
     registry = registry or plugins.registry()
     spec = to_spec(image, format, options)
+    if isinstance(copy_on_read, str) and copy_on_read.strip().lower() in BOOLEAN_WORDS:
+        copy_on_read = to_bool(copy_on_read)
     if copy_on_read:
         spec = {KEY_DRIVER: "copy-on-read", KEY_FILE: spec}
         if isinstance(copy_on_read, str):

@@ -39,7 +39,9 @@ def add_prefetch_parser(verbs: Any) -> None:
 def cmd_prefetch(args: argparse.Namespace) -> int:
     from corefmt.cli.main import _AmendProgress, _image, _protocols
 
-    progress = _AmendProgress() if args.progress and not args.quiet else None
+    # Progress shares stdout with qemu-img's -p line: not with JSON.
+    wants_progress = args.progress and not args.quiet and args.output != "json"
+    progress = _AmendProgress() if wants_progress else None
     try:
         with open_chain(_image(args, "filename", args.format), args.format,
                         allow_protocols=_protocols(args)) as node:

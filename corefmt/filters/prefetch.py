@@ -12,11 +12,14 @@ starts from there.
 
 from __future__ import annotations
 
+import math
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from corefmt.errors import OptionError
 from corefmt.fills import fill_policy
 from corefmt.filters.base import Filter, FilterContext, FilterDriver
 from corefmt.flags import RequestFlags
@@ -28,9 +31,17 @@ if TYPE_CHECKING:
 
 
 def _delay(value: Any) -> float | None:
+    """Seconds, finite and at most what a thread can wait for."""
     if value is None or value == "":
         return None
-    return max(float(value), 0.0)
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not 0 <= seconds <= threading.TIMEOUT_MAX:  # also refuses nan
+        raise OptionError(f"Parameter 'start-delay' expects a number of seconds from 0 to "
+                          f"{int(threading.TIMEOUT_MAX)}")
+    return seconds
 
 
 @attrs.frozen

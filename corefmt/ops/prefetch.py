@@ -30,7 +30,6 @@ record that the backing is no longer needed (FVD's all_data_in_fvd_img).
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import queue
 import random
@@ -43,6 +42,7 @@ import attrs
 
 from corefmt import sync
 from corefmt.block.align import align_down, align_up
+from corefmt.errors import ReadOnlyError
 from corefmt.fills import PrefetchTuning, fill_policy
 
 if TYPE_CHECKING:
@@ -65,6 +65,10 @@ FOREGROUND_IDLE_AFTER = 1.0
 #: The first pause for a slowed foreground; doubled while it stays slow,
 #: halved when it keeps up (seconds).
 FOREGROUND_PAUSE = 0.05
+#: How often a reader waiting for a free slot, or a prefetch waiting for a
+#: read-only layer to be writable again, looks whether to give up (seconds).
+SLOT_POLL = 0.05
+READ_ONLY_POLL = 0.1
 #: 1 KB in the original's thresholds, and milliseconds per second.
 KB, MS = 1024, 1000
 
@@ -189,6 +193,8 @@ class Prefetcher:
         self._lock = sync.Lock()
         self._wake = threading.Event()
         self._stopping = False
+        #: The store loop ended a pipelined pass early: its reader stops.
+        self._halted = False
         self._thread: threading.Thread | None = None
         self._since_checkpoint = 0
         unit = max(self.layer.limits.copy_granularity, self.layer.request_alignment, 1)
@@ -212,7 +218,8 @@ class Prefetcher:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop after the piece in hand (its store completes); waits for it."""
+        """Stop after the piece in hand (its store completes); waits for a
+        background prefetch to end (``run`` in another thread returns soon)."""
         self._stopping = True
         self._wake.set()
         thread = self._thread
@@ -246,10 +253,10 @@ class Prefetcher:
     def run(self) -> PrefetchStatus:
         """Prefetch to the end (or to ``stop``); raises what made it fail."""
         status = self.status
-        status.done = status.total - self.unallocated()
-        self._set_state(PrefetchState.RUNNING)
-        self._report()
         try:
+            status.done = status.total - self.unallocated()
+            self._set_state(PrefetchState.RUNNING)
+            self._report()
             for _ in range(MAX_PASSES):
                 self._pass()
                 if self._stopping or self.unallocated() == 0:
@@ -263,6 +270,8 @@ class Prefetcher:
             status.done = status.total - remaining
             if remaining == 0 and self.layer.backing is not None:
                 status.self_contained = self.layer.mark_self_contained()
+            elif self.layer.backing is None:
+                status.self_contained = True  # no base, or done before
             self._report()
             self._set_state(PrefetchState.FINISHED)
         except BaseException as error:
@@ -294,22 +303,25 @@ class Prefetcher:
         self._pipelined(pieces)
 
     def _pipelined(self, pieces: Iterator[tuple[int, int]]) -> None:
-        """A reader thread keeps up to ``slots - 1`` pieces read ahead of the store."""
-        filled: queue.Queue[tuple[int, int, bytes] | BaseException | None] = queue.Queue(
-            maxsize=max(self.tuning.slots - 1, 1))
-
-        halt = threading.Event()  # the store loop ended early
+        """A reader thread fills up to ``slots`` buffers (the one being stored
+        included, as FVD counts them) ahead of the store."""
+        filled: queue.Queue[tuple[int, int, bytes] | BaseException | None] = queue.Queue()
+        free = threading.Semaphore(self.tuning.slots)
 
         def reader() -> None:
             try:
                 for start, run in pieces:
-                    if halt.is_set() or not self._gate():
-                        break
+                    while not free.acquire(timeout=SLOT_POLL):
+                        if self._halted:
+                            return
+                    if self._halted or not self._gate() or self._halted:
+                        break  # (a pause may end because the store loop halted)
                     filled.put((start, run, self._fetch(start, run)))
                 filled.put(None)
             except BaseException as error:
                 filled.put(error)
 
+        self._halted = False
         thread = threading.Thread(target=reader, name="corefmt-prefetch-read", daemon=True)
         thread.start()
         try:
@@ -322,12 +334,14 @@ class Prefetcher:
                 if self._stopping:
                     return
                 self._store(*item)
+                free.release()
         finally:
-            halt.set()
-            while thread.is_alive():  # unblock a reader waiting to put
-                with contextlib.suppress(queue.Empty):
-                    filled.get(timeout=0.05)
+            self._halted = True  # the reader stops, a pause of its included
+            self._wake.set()
             thread.join()
+            self._halted = False
+            if not self._stopping:
+                self._wake.clear()
 
     # -- pieces ---------------------------------------------------------------------
     def _holes(self, start: int, end: int) -> Iterator[tuple[int, int]]:
@@ -374,8 +388,17 @@ class Prefetcher:
                    for extent in below.block_status(offset, inside))
 
     def _store(self, offset: int, length: int, data: bytes) -> int:
-        began = self.clock()
-        written = self.layer.copy_up(offset, length, data)
+        while True:
+            if not self._wait_writable():
+                return 0
+            began = self.clock()
+            try:
+                written = self.layer.copy_up(offset, length, data)
+            except ReadOnlyError:
+                if self.layer.read_only:
+                    continue  # reopened read-only meanwhile: wait, then store it
+                raise
+            break
         self._account(self._stores, length, began)
         status = self.status
         with self._lock:
@@ -392,6 +415,16 @@ class Prefetcher:
     def _report(self) -> None:
         if self.progress is not None:
             self.progress(self.status.done, self.status.total)
+
+    def _wait_writable(self) -> bool:
+        """A layer reopened read-only (a commit does) pauses prefetch until it
+        is writable again; False once stopping."""
+        while self.layer.read_only and not self._stopping:
+            self._set_state(PrefetchState.PAUSED)
+            self._wake.wait(READ_ONLY_POLL)
+        if self.status.state is PrefetchState.PAUSED:
+            self._set_state(PrefetchState.RUNNING)
+        return not self._stopping
 
     # -- throttling -------------------------------------------------------------------
     def _account(self, meter: _Throughput, nbytes: int, began: float) -> None:
@@ -439,11 +472,12 @@ class Prefetcher:
                 otherwise()
 
     def _pause_for(self, seconds: float, count: bool = True) -> None:
-        if count:
-            self.status.pauses += 1
+        with self._lock:
+            if count:
+                self.status.pauses += 1
         self._set_state(PrefetchState.PAUSED)
         self._wake.wait(seconds)
-        if self._stopping:
+        if self._stopping or self._halted:
             return
         with self._lock:
             self._reads.reset()

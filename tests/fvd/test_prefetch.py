@@ -5,7 +5,9 @@ an interrupted one loses at most 64 MiB, and the read-only verbs never write."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import random
 import re
 import select
 import signal
@@ -261,3 +263,86 @@ def test_a_guest_write_racing_an_asynchronous_fill_wins(tmp_path):
         assert node.read(64 * KiB, 64 * KiB) == bytes(expected)
     with corefmt.open(str(top)) as node:
         assert node.read(64 * KiB, 64 * KiB) == bytes(expected)
+
+
+def test_a_failed_store_is_not_held_up_by_a_pause_of_the_reader(tmp_path):
+    from corefmt.fills import PrefetchTuning
+
+    _, top, _ = _pair(tmp_path, size=4 * MiB)
+    # The reader pauses for seconds after its second piece (two 5 ms reads fill
+    # a throughput window; the floor is unreachable) while the first is stored.
+    tuning = PrefetchTuning(slots=2, bytes_per_prefetch=64 * KiB, read_measure_ms=8,
+                            min_read_kbs=10**9, min_write_kbs=0, throttle_ms=20_000)
+    with corefmt.open(str(top)) as node:
+        layer = node.layer()
+
+        def failing_copy_up(offset, length, data=None):
+            time.sleep(0.05)
+            raise corefmt.StorageError(str(top), "write", OSError(5, "Input/output error"))
+
+        real_read_below = layer.read_below
+
+        def slow_read_below(offset, length):
+            time.sleep(0.005)  # one read fills a throughput window: below the floor
+            return real_read_below(offset, length)
+
+        layer.copy_up = failing_copy_up
+        layer.read_below = slow_read_below
+        prefetcher = Prefetcher(node, tuning, rng=random.Random(1))  # first coin: pause
+        began = time.monotonic()
+        with pytest.raises(corefmt.StorageError):
+            prefetcher.run()
+        assert time.monotonic() - began < 5
+        assert prefetcher.status.state is PrefetchState.FAILED
+
+
+def test_a_background_prefetch_that_fails_at_once_says_so(tmp_path):
+    _, top, _ = _pair(tmp_path, size=4 * MiB)
+    spec = {"driver": "prefetch", "start-delay": "0.2", "file": {"driver": "fvd", "file": str(top)}}
+    with corefmt.open(spec) as node:
+        def broken(offset, length):
+            raise corefmt.ImageError(str(top), "block status", offset, "broken")
+
+        node.layer().own_status = broken
+        assert node.filter.prefetcher.wait(10)
+        assert node.info()["state"] == "failed"
+        assert "broken" in node.info()["error"]
+
+
+@pytest.mark.parametrize("delay", ["inf", "nan", "-1", "1e10", "soon"])
+def test_an_impossible_start_delay_is_refused(tmp_path, delay):
+    _, top, _ = _pair(tmp_path, size=MiB)
+    spec = {"driver": "prefetch", "start-delay": delay, "file": {"driver": "fvd", "file": str(top)}}
+    with pytest.raises(corefmt.OptionError, match="start-delay"):
+        corefmt.open(spec)
+
+
+def test_a_reopen_read_only_pauses_background_prefetch_and_read_write_resumes_it(tmp_path):
+    _, top, data = _pair(tmp_path, size=8 * MiB)
+    spec = {"driver": "prefetch", "throttle": "off", "start-delay": "0.5",
+            "file": {"driver": "fvd", "file": str(top)}}
+    with corefmt.open(spec) as node:
+        layer = node.layer()
+        real_copy_up = layer.copy_up
+
+        def slow_copy_up(offset, length, fill=None):
+            time.sleep(0.02)
+            return real_copy_up(offset, length, fill)
+
+        layer.copy_up = slow_copy_up
+        node.reopen(read_only=True)  # before the delay ends
+        time.sleep(1.0)
+        assert node.info()["state"] == "paused", node.info()
+        node.reopen(read_only=False)
+        assert node.filter.prefetcher.wait(30)
+        assert node.info()["state"] == "finished", node.info()
+        assert node.read(0, 8 * MiB) == data
+
+
+def test_prefetch_json_is_parseable_with_progress_and_says_self_contained(tmp_path):
+    _, top, _ = _pair(tmp_path, size=2 * MiB)
+    for _ in range(2):  # the second run finds an image that needs no base
+        status, out, err = cli("prefetch", "-p", "--output", "json", top)
+        assert status == 0, err
+        result = json.loads(out)
+        assert result["state"] == "finished" and result["self-contained"] is True

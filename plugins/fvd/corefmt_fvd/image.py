@@ -265,6 +265,8 @@ class FvdImage(Image):
         blocks are zeroed in the data storage (compact: in whole chunks, see
         _zero_chunks); partial blocks still in the base take the write path."""
         fill = bool(int(flags) & _FILL)
+        # A fill's zeros come from a hole of the base: punched, they stay one.
+        unmap = unmap or fill
         end = offset + length
         with self.lock:
             start, stop = self._whole_blocks(offset, end)
@@ -273,7 +275,7 @@ class FvdImage(Image):
             else:
                 if start > offset:
                     self._write_slow(offset, memoryview(bytes(start - offset)), fill)
-                self._zero_run(start, stop, fill)
+                self._zero_run(start, stop, fill, unmap)
                 if end > stop:
                     self._write_slow(stop, memoryview(bytes(end - stop)), fill)
             if not fill and self.commit_mode == COMMIT_AT_WRITE:
@@ -292,13 +294,13 @@ class FvdImage(Image):
             end = max(end - end % block, start)
         return start, end
 
-    def _zero_run(self, start: int, end: int, fill: bool) -> None:
+    def _zero_run(self, start: int, end: int, fill: bool, unmap: bool) -> None:
         allocated: list[int] = []
         try:
             if self.table is None:
-                self.data.write_zeroes(self.data_offset + start, end - start)
+                self.data.write_zeroes(self.data_offset + start, end - start, unmap=unmap)
             else:
-                self._zero_chunks(start, end, fill, allocated)
+                self._zero_chunks(start, end, fill, allocated, unmap)
         except BaseException:
             for chunk in allocated:
                 self.table.entries[chunk] = EMPTY_ENTRY
@@ -306,7 +308,8 @@ class FvdImage(Image):
             raise
         self._note_written(start, end, fill)
 
-    def _zero_chunks(self, start: int, end: int, fill: bool, allocated: list[int]) -> None:
+    def _zero_chunks(self, start: int, end: int, fill: bool, allocated: list[int],
+                     unmap: bool) -> None:
         """Whole chunks are zeroed without zero bytes: a new chunk reads as
         zeros already (an EMPTY one past the base stays EMPTY), a mapped one
         is zeroed in the storage. A marked block always has its chunk (check's
@@ -323,7 +326,7 @@ class FvdImage(Image):
                                    allocated)
             elif table.physical(chunk) is not None:
                 host = self.data_offset + table.physical(chunk) * chunk_size
-                self.data.write_zeroes(host, chunk_size)
+                self.data.write_zeroes(host, chunk_size, unmap=unmap)
             elif position < self.base_size:
                 self._allocate(chunk)  # zeroed there if it was storage used before
                 allocated.append(chunk)
