@@ -208,7 +208,8 @@ def _workload(node, model: Model, rng: random.Random) -> None:
         node.flush()
         model.flushed()
     node.read(SIZE - 128 * KiB, 128 * KiB)
-    Prefetcher(node, PrefetchTuning(slots=1), throttle=False).run()
+    # FVD's pipeline: a reader thread keeps a piece ahead of the store
+    Prefetcher(node, PrefetchTuning(slots=2, bytes_per_prefetch=64 * KiB), throttle=False).run()
     for _ in range(2):
         offset = rng.randrange(0, SIZE - 8 * KiB)
         _write(node, model, offset, rng.randbytes(rng.randrange(1, 8 * KiB)))

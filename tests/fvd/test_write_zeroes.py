@@ -69,3 +69,24 @@ def test_a_guests_zeroes_are_journaled_and_survive_a_crash(tmp_path):
         assert node.layer().image.opened_unclean
         assert node.read(MiB, MiB) == bytes(MiB)
         assert node.read(0, MiB) == data[:MiB]
+
+
+def test_block_status_racing_a_bit_being_set_answers_a_real_extent(tmp_path):
+    """Status is read without the image's lock: a copy-on-write may set the
+    block's bit between the look at it and the look for the end of its run
+    (a prefetch scan racing the guest); the answer must still be an extent."""
+    top, _ = _pair(tmp_path, {"block_size": "64k"})
+    with corefmt.open(str(top)) as node:
+        image = node.layer().image
+        bitmap = image.bitmap
+        real_test = bitmap.test
+
+        def test_then_set(block):
+            answer = real_test(block)
+            bitmap.set_range(block * bitmap.block_size, bitmap.block_size)  # the racing write
+            bitmap.test = real_test
+            return answer
+
+        bitmap.test = test_then_set
+        extent = image.block_status(0, SIZE)
+        assert extent.offset == 0 and extent.length > 0

@@ -192,8 +192,12 @@ class FvdImage(Image):
         if bitmap is not None and offset < self.base_size:
             block = offset // bitmap.block_size
             limit = -(-min(end, self.base_size) // bitmap.block_size)
-            in_base = not bitmap.test(block)
-            stop = bitmap.run_end(block, not in_base, limit) * bitmap.block_size
+            while True:  # without the lock: a write may set this bit between the two
+                in_base = not bitmap.test(block)
+                run_end = bitmap.run_end(block, not in_base, limit)
+                if run_end > block:
+                    break
+            stop = run_end * bitmap.block_size
             if in_base:  # the base part only: a block may straddle the base's end
                 return Extent(offset, min(stop, end, self.base_size) - offset, data=False,
                               zero=False, allocated=False)
