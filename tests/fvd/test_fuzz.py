@@ -315,3 +315,16 @@ def test_a_table_entry_at_the_last_chunk_id_refuses_writes_clearly(seeds: dict[s
     built from one string) instead of a clear error."""
     seed = seeds["compact_image=on,chunk_size=4096,journal_size=4096"]
     run_case(tmp_path, seed, [("table", seed.regions["table"][0], b"\xfe")])
+
+
+def test_a_write_across_chunks_that_share_storage_is_refused(seeds: dict[str, Seed],
+                                                             tmp_path: Path) -> None:
+    """Found by the long fuzz run: a journal TABLE record mapping 44 virtual
+    chunks to physical chunk 0, then a 4 KiB write across two of them (7680-
+    byte blocks over 8192-byte chunks): the write overwrote its own first
+    half and did not read back. Such a write is now refused with one line."""
+    seed = seeds["compact_image=on,chunk_size=8192,block_size=7680,storage_grow_unit=65536"]
+    run_case(tmp_path, seed, [
+        ("bitmap", seed.regions["bitmap"][0], b"\x00"),
+        ("record", seed.regions["journal"][0],
+         b"\xac\xf7\xe6\xb4\x00\x00\x00\x00,\x00\x00\x00\x00\x00\x00\x00")])

@@ -436,6 +436,8 @@ class FvdImage(Image):
             if table.physical(chunk) is None:
                 self._allocate(chunk)
                 allocated.append(chunk)
+        if last > first:
+            self._refuse_shared(first, last)
         done = 0
         while done < len(payload):
             at = start + done
@@ -450,6 +452,21 @@ class FvdImage(Image):
             self.data.write(self.data_offset + physical * chunk_size + inside,
                             payload[done:done + piece])
             done += piece
+
+    def _refuse_shared(self, first: int, last: int) -> None:
+        """Chunks one write stores into must be distinct: in a corrupt table
+        two virtual chunks may map one physical chunk, and the write would
+        overwrite its own data (check -r all gives each its own copy)."""
+        table = self.table
+        assert table is not None
+        seen: dict[int, int] = {}
+        for chunk in range(first, last + 1):
+            physical = table.physical(chunk)
+            other = seen.setdefault(physical, chunk)  # type: ignore[arg-type]
+            if other != chunk:
+                raise ImageError(self.context.path, "FVD table", self.header.table_offset,
+                                 f"virtual chunks {other} and {chunk} share physical chunk "
+                                 f"{physical} (corefmt check -r all repairs it)")
 
     def _allocate(self, chunk: int) -> None:
         table = self.table
