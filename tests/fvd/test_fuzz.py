@@ -304,6 +304,7 @@ def test_fuzz_short(seeds: dict[str, Seed], tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # 5,000 cases take longer than the suite's 300 s per test
 def test_fuzz_long(seeds: dict[str, Seed], tmp_path: Path) -> None:
     _fuzz(seeds, tmp_path, LONG_EXAMPLES)
 
