@@ -30,6 +30,7 @@ import os
 import shlex
 import stat
 import subprocess
+from collections.abc import Callable
 from typing import Any
 
 from corefmt import (
@@ -299,18 +300,13 @@ class FvdImage(Image):
         return start, end
 
     def _zero_run(self, start: int, end: int, fill: bool, unmap: bool) -> None:
-        allocated: list[int] = []
-        try:
+        def store(allocated: list[int]) -> None:
             if self.table is None:
                 self.data.write_zeroes(self.data_offset + start, end - start, unmap=unmap)
             else:
                 self._zero_chunks(start, end, fill, allocated, unmap)
-        except BaseException:
-            for chunk in allocated:
-                self.table.entries[chunk] = EMPTY_ENTRY
-            self._forget_fills(start, end)
-            raise
-        self._note_written(start, end, fill)
+
+        self._stored(start, end, fill, store)
 
     def _zero_chunks(self, start: int, end: int, fill: bool, allocated: list[int],
                      unmap: bool) -> None:
@@ -365,22 +361,31 @@ class FvdImage(Image):
             (head, view, tail))
         if head or tail:
             self.context.emit(events.COW_WRITE)
-        allocated: list[int] = []
-        try:
+
+        def store(allocated: list[int]) -> None:
             if self.table is not None:
                 self._store_chunks(store_start, memoryview(payload), fill, allocated)
             else:
                 self.data.write(self.data_offset + store_start, payload)
+
+        self._stored(store_start, store_end, fill, store)
+
+    def _stored(self, start: int, end: int, fill: bool,
+                store: Callable[[list[int]], None]) -> None:
+        """Run ``store`` (it lists the chunks it allocates), then note the
+        metadata. If it fails, reads must not see what a later flush will not
+        journal: the chunks stay leaked, their entries empty again, and blocks
+        only copy-on-read had put here (the store may have landed in them)
+        read from the base again."""
+        allocated: list[int] = []
+        try:
+            store(allocated)
         except BaseException:
-            # Reads must not see what a later flush will not journal: the
-            # chunks stay leaked, their entries empty again, and blocks only
-            # copy-on-read had put here (the write may have landed in them)
-            # read from the base again.
             for chunk in allocated:
                 self.table.entries[chunk] = EMPTY_ENTRY
-            self._forget_fills(store_start, store_end)
+            self._forget_fills(start, end)
             raise
-        self._note_written(store_start, store_end, fill)
+        self._note_written(start, end, fill)
 
     def _forget_fills(self, start: int, end: int) -> None:
         """Blocks of [start, end) set in the fresh bitmap only (by fills, never
