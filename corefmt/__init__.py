@@ -20,7 +20,14 @@ from typing import TYPE_CHECKING, Any
 from corefmt import sync
 from corefmt.block.chain import open_chain
 from corefmt.block.node import BlockNode
-from corefmt.capabilities import BitmapInfo, CheckFix, CheckResult, MeasureResult, SnapshotInfo
+from corefmt.capabilities import (
+    BitmapInfo,
+    CheckFix,
+    CheckResult,
+    MeasureResult,
+    SnapshotError,
+    SnapshotInfo,
+)
 from corefmt.driver import (
     PROBE_CERTAIN,
     PROBE_FALLBACK,
@@ -99,6 +106,7 @@ __all__ = [
     "RangeError",
     "ReadOnlyError",
     "RequestFlags",
+    "SnapshotError",
     "SnapshotInfo",
     "Storage",
     "StorageDriver",
@@ -114,6 +122,10 @@ __all__ = [
     "open",
     "option",
     "prefetch",
+    "snapshot_apply",
+    "snapshot_create",
+    "snapshot_delete",
+    "snapshot_list",
     "sync",
     "to_bool",
     "to_size",
@@ -178,3 +190,41 @@ def compare(a: str, b: str, *, a_format: str | None = None, b_format: str | None
     with open_chain(a, a_format, read_only=True) as first, \
             open_chain(b, b_format, read_only=True) as second:
         return compare_nodes(first, second, strict=strict)
+
+def snapshot_list(image: str | Mapping[str, Any], format: str | None = None, *,
+                  force_share: bool = False) -> list[SnapshotInfo]:
+    """The image's internal snapshots (qemu-img snapshot -l); none for a
+    format without them."""
+    from corefmt.ops.snapshot import list_snapshots
+
+    with open_chain(image, format, read_only=True, force_share=force_share) as node:
+        return list_snapshots(node)
+
+
+def snapshot_create(image: str | Mapping[str, Any], name: str,
+                    format: str | None = None) -> SnapshotInfo:
+    """Take an internal snapshot of the image's current state (qemu-img
+    snapshot -c; names need not be unique, each gets a new id)."""
+    from corefmt.ops.snapshot import create_snapshot
+
+    with open_chain(image, format) as node:
+        return create_snapshot(node, name)
+
+
+def snapshot_apply(image: str | Mapping[str, Any], id_or_name: str,
+                   format: str | None = None) -> None:
+    """Revert the image to a snapshot, by id or else by name (qemu-img snapshot -a)."""
+    from corefmt.ops.snapshot import apply_snapshot
+
+    with open_chain(image, format) as node:
+        apply_snapshot(node, id_or_name)
+
+
+def snapshot_delete(image: str | Mapping[str, Any], id_or_name: str,
+                    format: str | None = None) -> None:
+    """Delete a snapshot, by id or else by name, freeing what only it used
+    (qemu-img snapshot -d)."""
+    from corefmt.ops.snapshot import delete_snapshot
+
+    with open_chain(image, format) as node:
+        delete_snapshot(node, id_or_name)

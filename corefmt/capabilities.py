@@ -19,9 +19,12 @@ qemu-img's fields so ``--output=json`` can print its keys.
 from __future__ import annotations
 
 import enum
+import os
 from typing import Any
 
 import attrs
+
+from corefmt.errors import CorefmtError
 
 
 class CheckFix(enum.Flag):
@@ -94,6 +97,20 @@ class SnapshotInfo:
     date_nsec: int = 0
     vm_clock_nsec: int = 0
     icount: int | None = None
+    #: The virtual disk size the snapshot was taken at (None: not recorded).
+    disk_size: int | None = None
+
+
+class SnapshotError(CorefmtError):
+    """A snapshot operation a driver refuses, as qemu's -errno: ``code`` is
+    the errno (qemu-img prints it per verb: "-95 (Operation not supported)",
+    "Failed to load snapshot: ..."), ``problem`` the driver's own message
+    where qemu has one ("Can't find snapshot", "Snapshot L1 table too large")."""
+
+    def __init__(self, code: int, problem: str | None = None):
+        self.code = code
+        self.problem = problem
+        super().__init__(problem or os.strerror(code))
 
 
 @attrs.frozen

@@ -15,6 +15,7 @@ from corefmt.capabilities import CheckFix
 from corefmt.cli.fuzz import add_fuzz_parser
 from corefmt.cli.iocmd import run_commands
 from corefmt.cli.prefetch import add_prefetch_parser
+from corefmt.cli.snapshot import add_snapshot_parser
 from corefmt.cli.stress import add_stress_parser
 from corefmt.errors import CorefmtError
 from corefmt.ops import info as info_op
@@ -506,6 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     io_verb.set_defaults(run=cmd_io)
 
     add_prefetch_parser(verbs)
+    add_snapshot_parser(verbs)
     add_stress_parser(verbs)
     add_fuzz_parser(verbs)
     return parser

@@ -18,6 +18,7 @@ REFTABLE_UPDATE = "reftable_update"
 CLUSTER_ALLOC = "cluster_alloc"
 COW_WRITE = "cow_write"
 HEADER_UPDATE = "header_update"  # corefmt's own: qemu has no event for it
+SNAPSHOT_TABLE_WRITE = "snapshot_table_write"  # corefmt's own too
 
 
 class EventStorage(Storage):

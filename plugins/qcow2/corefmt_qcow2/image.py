@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import struct
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from corefmt import (
     BackingRef,
@@ -37,6 +37,7 @@ from corefmt import (
     MetadataCache,
     NotSupported,
     RequestFlags,
+    SnapshotInfo,
     Storage,
     sync,
 )
@@ -72,6 +73,9 @@ from corefmt_qcow2.layout import (
     div_round_up,
 )
 from corefmt_qcow2.refcount import QUARANTINE_LIMIT, Refcounts
+
+if TYPE_CHECKING:
+    from corefmt_qcow2.snapshot import SnapshotTable
 
 #: A normal cluster whose refcount is not 1 (no COPIED flag): written by
 #: copying it first (internal snapshots share clusters this way).
@@ -152,6 +156,9 @@ class Qcow2Image(Image):
         self._metadata: tuple[tuple[int, int], dict[int, str]] | None = None
         if not context.read_only:
             self._open_read_write()
+        self._snapshot_table: SnapshotTable | None = None
+        if header.nb_snapshots and not context.for_check:
+            self.snapshots  # noqa: B018 - as qemu, a broken snapshot table fails the open
 
     # -- opening ----------------------------------------------------------------------
     def _load_refcounts(self) -> Refcounts:
@@ -964,3 +971,57 @@ class Qcow2Image(Image):
         self._check_writable()
         with self.lock:
             amend(self, options, progress, size=size, backing=backing)
+
+    # -- internal snapshots (corefmt_qcow2.snapshot) ------------------------------------------
+    @property
+    def snapshots(self) -> SnapshotTable:
+        """The snapshot table, read at open (at first use by ``check``)."""
+        if self._snapshot_table is None:
+            from corefmt_qcow2.snapshot import SnapshotTable
+
+            self._snapshot_table = SnapshotTable(self)
+        return self._snapshot_table
+
+    def snapshot_list(self) -> list[SnapshotInfo]:
+        from corefmt_qcow2 import snapshot
+
+        return snapshot.snapshot_list(self)
+
+    def snapshot_create(self, name: str) -> SnapshotInfo:
+        from corefmt_qcow2 import snapshot
+
+        with self.lock:
+            return snapshot.create(self, name)
+
+    def snapshot_apply(self, id_or_name: str) -> None:
+        from corefmt_qcow2 import snapshot
+
+        with self.lock:
+            snapshot.apply(self, id_or_name)
+
+    def snapshot_delete(self, id_or_name: str) -> None:
+        from corefmt_qcow2 import snapshot
+
+        with self.lock:
+            snapshot.delete(self, id_or_name)
+
+    def snapshot_load(self, ident: str | None, name: str | None) -> None:
+        from corefmt_qcow2 import snapshot
+
+        with self.lock:
+            snapshot.load(self, ident, name)
+
+    def replace_l1(self, l1: list[int]) -> None:
+        """The active L1 after a snapshot operation rewrote it on disk."""
+        self.l1 = list(l1)
+        self._l1_version += 1
+
+    def show_l1(self, offset: int, l1: list[int]) -> None:
+        """Read another L1 table (a snapshot's) from now on; read-only opens only."""
+        self.header.l1_table_offset, self.header.l1_size = offset, len(l1)
+        self._decompressed = None
+        self.replace_l1(l1)
+
+    def metadata_moved(self) -> None:
+        """The snapshot table moved: the overlap check's map is rebuilt."""
+        self._metadata = None

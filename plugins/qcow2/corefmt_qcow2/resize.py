@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from corefmt import OptionError
-from corefmt_qcow2.layout import EXT_BITMAPS, div_round_up
+from corefmt_qcow2.layout import EXT_BITMAPS, VERSION_3, div_round_up
 
 if TYPE_CHECKING:
     from corefmt_qcow2.image import Qcow2Image
@@ -18,8 +18,8 @@ def resize(image: Qcow2Image, size: int) -> None:
     header = image.header
     if size % 512:
         raise OptionError("The new size must be a multiple of 512")
-    if header.nb_snapshots:
-        raise OptionError("Can't resize an image which has snapshots")
+    if header.nb_snapshots and header.version < VERSION_3:
+        raise OptionError("Can't resize a v2 image which has snapshots")
     if size < header.size and header.extension(EXT_BITMAPS) is not None:
         raise OptionError("Cannot shrink an image with persistent bitmaps")
     cs = image.cluster_size
