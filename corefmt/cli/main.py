@@ -174,7 +174,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         convert(_image(args, "source", args.format), args.target, source_format=args.format,
                 allow_protocols=_protocols(args), force_share=args.force_share,
                 target_format=args.output_format, options=options, sparse_size=sparse,
-                workers=args.workers, progress=progress, cache=args.cache)
+                workers=args.workers, progress=progress, cache=args.cache,
+                snapshot=args.snapshot)
     finally:
         if progress:
             progress.close()
@@ -435,6 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
     converting.add_argument("-m", dest="workers", type=_coroutines, default=DEFAULT_WORKERS,
                             help="requests in flight")
     converting.add_argument("-U", "--force-share", action="store_true")
+    converting.add_argument("-l", dest="snapshot", metavar="SNAPSHOT",
+                            help="copy an internal snapshot: an id or name, or "
+                                 "snapshot.id=ID,snapshot.name=NAME")
     converting.add_argument("source", nargs="?")
     converting.add_argument("target", nargs="?")
     converting.set_defaults(run=cmd_convert)

@@ -252,11 +252,14 @@ def convert(source: str | Mapping[str, Any], target: str, *, source_format: str 
             sparse_size: int = DEFAULT_SPARSE_SIZE, buffer_size: int = DEFAULT_BUFFER_SIZE,
             workers: int = DEFAULT_WORKERS, progress: ProgressFn | None = None,
             cache: str = DEFAULT_CACHE_MODE, registry: Registry | None = None,
-            allow_protocols: Collection[str] = (), force_share: bool = False) -> None:
+            allow_protocols: Collection[str] = (), force_share: bool = False,
+            snapshot: str | None = None) -> None:
     """Write the guest-visible content of ``source`` into a new ``target`` image.
 
     ``cache`` takes qemu-img's -t names: "unsafe" never flushes the target
     (qemu-img convert's default), "none"/"directsync" bypass the page cache.
+    ``snapshot`` copies an internal snapshot of the source instead (qemu-img
+    convert -l: an id or name, or ``snapshot.id=ID,snapshot.name=NAME``).
     """
     registry = registry or plugins.registry()
     if cache not in CACHE_MODES:
@@ -267,8 +270,16 @@ def convert(source: str | Mapping[str, Any], target: str, *, source_format: str 
     if sparse_size < 0 or (sparse_size and sparse_size % 512):
         raise OptionError("sparse size must be a multiple of 512 bytes (0 disables it)")
     registry.format(target_format)
+    if snapshot is not None:  # qemu-img: a bad -l is refused before anything opens
+        from corefmt.ops.snapshot import parse_snapshot_option
+
+        snapshot_ref = parse_snapshot_option(snapshot)
     with open_chain(source, source_format, read_only=True, registry=registry,
                     allow_protocols=allow_protocols, force_share=force_share) as src:
+        if snapshot is not None:
+            from corefmt.ops.snapshot import load_snapshot
+
+            load_snapshot(src, snapshot_ref)
         for layer in src.chain():
             if _same_file(layer.filename, target):
                 # Creating the target would truncate it before a byte is copied.

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from corefmt.block.node import BlockNode
+from corefmt.ops import snapshot as snapshot_op
 from corefmt.sizes import human_size
 
 
@@ -13,7 +14,11 @@ def node_info(node: BlockNode) -> dict[str, Any]:
     """qemu-img info --output=json's keys, in its order."""
     layer = node.layer()
     image = layer._image  # type: ignore[attr-defined]
-    info: dict[str, Any] = {"virtual-size": node.virtual_size, "filename": node.filename}
+    info: dict[str, Any] = {}
+    snapshots = snapshot_op.list_snapshots(layer)
+    if snapshots:  # qemu-img prints this key first
+        info["snapshots"] = [snapshot_op.info_json(snapshot) for snapshot in snapshots]
+    info.update({"virtual-size": node.virtual_size, "filename": node.filename})
     if image.cluster_size:
         info["cluster-size"] = image.cluster_size
     info["format"] = node.driver_name
@@ -59,6 +64,8 @@ def format_human(info: dict[str, Any]) -> str:
         lines.append(f"backing file: {backing}")
         if "backing-filename-format" in info:
             lines.append(f"backing file format: {info['backing-filename-format']}")
+    if info.get("snapshots"):
+        lines += snapshot_op.table_lines(map(snapshot_op.from_json, info["snapshots"]))
     specific = info.get("format-specific")
     if specific and specific.get("data"):
         lines.append("Format specific information:")

@@ -256,6 +256,10 @@ def measure(source: str | Mapping[str, Any] | BlockNode | None = None, *,
     qemu-img measure: the refusals come in qemu-img's order and words."""
     check_arguments(source is not None, size, image_opts=image_opts,
                     source_format=source_format, snapshot=snapshot)
+    if snapshot is not None:  # qemu-img: a bad -l is refused before anything opens
+        from corefmt.ops.snapshot import parse_snapshot_option
+
+        parse_snapshot_option(snapshot)
     byte_size = image_size(size) if size is not None else None
     registry = registry or plugins.registry()
     if isinstance(source, BlockNode):
@@ -305,18 +309,10 @@ def _measure(node: BlockNode | None, size: int | None, target_format: str,
 
 
 def _load_snapshot(node: BlockNode, name: str) -> None:
-    """-l: corefmt opens no internal snapshot; say so as qemu does for a
-    format without them, or that it is not there."""
-    image = getattr(node.layer(), "image", None)
-    lister = getattr(image, "snapshot_list", None)
-    if lister is None:
-        raise OptionError(f"Failed to load snapshot: Block format '{node.format_name}' used "
-                          "by device '' does not support temporarily loading internal "
-                          "snapshots")
-    wanted = name.partition("=")[2] if name.startswith("snapshot.") else name
-    if not any(wanted in (info.id, info.name) for info in lister()):
-        raise OptionError("Failed to load snapshot: Can't find snapshot")
-    raise OptionError("Failed to load snapshot: corefmt cannot read internal snapshots")
+    """-l: measure an internal snapshot instead of the current state."""
+    from corefmt.ops.snapshot import load_snapshot
+
+    load_snapshot(node, name)
 
 
 # -- output ---------------------------------------------------------------------------

@@ -207,3 +207,12 @@ def info_json(info: SnapshotInfo) -> dict[str, Any]:
                   "vm-clock-sec": info.vm_clock_nsec // NANOSECONDS, "id": info.id,
                   "vm-state-size": info.vm_state_size})
     return entry
+
+
+def from_json(entry: dict[str, Any]) -> SnapshotInfo:
+    """A SnapshotInfo back from ``info_json``'s keys (info's human output)."""
+    return SnapshotInfo(id=entry["id"], name=entry["name"],
+                        vm_state_size=entry["vm-state-size"], date_sec=entry["date-sec"],
+                        date_nsec=entry["date-nsec"],
+                        vm_clock_nsec=entry["vm-clock-sec"] * NANOSECONDS
+                        + entry["vm-clock-nsec"], icount=entry.get("icount"))
