@@ -220,11 +220,11 @@ def snapshot_apply(image: str | Mapping[str, Any], id_or_name: str,
         apply_snapshot(node, id_or_name)
 
 
-def snapshot_delete(image: str | Mapping[str, Any], id_or_name: str,
+def snapshot_delete(image: str | Mapping[str, Any], name: str,
                     format: str | None = None) -> None:
-    """Delete a snapshot, by id or else by name, freeing what only it used
-    (qemu-img snapshot -d)."""
+    """Delete the first snapshot of that name, freeing what only it used
+    (qemu-img snapshot -d, which in qemu 7.2 matches names, not ids)."""
     from corefmt.ops.snapshot import delete_snapshot
 
     with open_chain(image, format) as node:
-        delete_snapshot(node, id_or_name)
+        delete_snapshot(node, name)

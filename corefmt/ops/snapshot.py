@@ -142,11 +142,14 @@ def apply_snapshot(node: BlockNode, id_or_name: str) -> None:
     _changing(node, "apply", id_or_name, lambda image: image.snapshot_apply(id_or_name))
 
 
-def delete_snapshot(node: BlockNode, id_or_name: str) -> None:
-    """qemu-img snapshot -d (a format without snapshots has none to find)."""
-    if not any(id_or_name in (info.id, info.name) for info in list_snapshots(node)):
-        raise SnapshotRefused([f"Could not delete snapshot '{id_or_name}': snapshot not found"])
-    _changing(node, "delete", id_or_name, lambda image: image.snapshot_delete(id_or_name))
+def delete_snapshot(node: BlockNode, name: str) -> None:
+    """qemu-img snapshot -d: the first snapshot of that *name* (qemu-img 7.2's
+    bdrv_snapshot_find matches names only), deleted by its id; a format
+    without snapshots has none to find."""
+    found = next((info for info in list_snapshots(node) if info.name == name), None)
+    if found is None:
+        raise SnapshotRefused([f"Could not delete snapshot '{name}': snapshot not found"])
+    _changing(node, "delete", name, lambda image: image.snapshot_delete(found.id))
 
 
 def load_snapshot(node: BlockNode, ref: SnapshotRef | str) -> None:

@@ -321,8 +321,7 @@ def _check_tree(image: Qcow2Image, l1: list[int], addend: int) -> None:
     if addend == INCREMENT:
         for cluster, more in counts.items():
             if refcounts.get(cluster) + more > refcounts.max_refcount:
-                raise SnapshotError(errno.EINVAL, f"the refcount of cluster {cluster} would "
-                                    f"exceed {refcounts.max_refcount}")
+                raise SnapshotError(errno.EINVAL)  # qemu-img says no more than that
 
 
 def _corrupt(problem: str) -> SnapshotError:
@@ -370,7 +369,10 @@ def _update_refcounts(image: Qcow2Image, l1: list[int], addend: int) -> bool:
                 if new_entry != entry:
                     image.l2_cache.depends_on(image.refcounts.cache)
                     image.set_entry(handle, index, new_entry, bitmap)
-        new_l1_entry = _flagged(l1_entry, _change(image, table // cs, addend))
+        refcount = _change(image, table // cs, addend)
+        if refcount == 0:  # freed: a reuse of the cluster must not meet the old table
+            image.l2_cache.forget(table)
+        new_l1_entry = _flagged(l1_entry, refcount)
         if new_l1_entry != l1_entry:
             l1[l1_index] = new_l1_entry
             l1_changed = True
