@@ -1,7 +1,8 @@
 """corefmt snapshot: qemu-img 7.2's ``snapshot`` verb (-l, -c, -a, -d).
 
 Output, messages and exit statuses are qemu-img's: -l prints the table
-(even with -q), the others print nothing when they succeed; exactly one
+(even with -q), the others print nothing when they succeed (no action at
+all opens the image and does nothing, as qemu-img); exactly one
 action and one image must be given. ``-f`` is corefmt's addition (qemu-img
 7.2 probes the format).
 """
@@ -59,7 +60,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
     if len(args.filenames) != 1:
         raise UsageError("Expecting one image file name")
-    action = args.action or "list"  # qemu-img: no action lists
+    action = args.action  # qemu-img: no action opens the image and does nothing
     name = args.snapshot
     image = _image(argparse.Namespace(filename=args.filenames[0],
                                       image_opts=args.image_opts), "filename", args.format)
@@ -73,6 +74,6 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
             snapshot_op.create_snapshot(node, name)
         elif action == "apply":
             snapshot_op.apply_snapshot(node, name)
-        else:
+        elif action == "delete":
             snapshot_op.delete_snapshot(node, name)
     return EXIT_OK
