@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from corefmt.block.node import BlockNode
@@ -43,7 +44,13 @@ def chain_info(node: BlockNode) -> list[dict[str, Any]]:
 
 
 def format_json(info: dict[str, Any] | list[dict[str, Any]]) -> str:
-    return json.dumps(info, indent=4)
+    """json.dumps with indent 4, an empty list printed as qemu prints it
+    (its brackets on two lines: info's bitmap "flags")."""
+    return _EMPTY_LIST.sub(lambda match: f"{match[1]}{match[2]}[\n{match[1]}]{match[3]}",
+                           json.dumps(info, indent=4))
+
+
+_EMPTY_LIST = re.compile(r'^( *)("[^"\n]*": )\[\](,?)$', re.MULTILINE)
 
 
 def format_human(info: dict[str, Any]) -> str:
@@ -69,8 +76,24 @@ def format_human(info: dict[str, Any]) -> str:
     specific = info.get("format-specific")
     if specific and specific.get("data"):
         lines.append("Format specific information:")
-        for key, value in specific["data"].items():
-            if isinstance(value, bool):
-                value = "true" if value else "false"
-            lines.append(f"    {key.replace('-', ' ')}: {value}")  # qemu's human keys
+        lines += _human_lines(specific["data"], 1)
     return "\n".join(lines)
+
+
+def _human_lines(value: dict[str, Any] | list[Any], depth: int) -> list[str]:
+    """qemu's dump_qdict/dump_qlist: '-' in keys as spaces, lists as [i],
+    nested values one level (4 spaces) deeper under their key."""
+    pad = "    " * depth
+    items = (((key.replace("-", " "), item) for key, item in value.items())
+             if isinstance(value, dict) else ((f"[{index}]", item)
+                                              for index, item in enumerate(value)))
+    lines = []
+    for name, item in items:
+        if isinstance(item, (dict, list)):
+            lines.append(f"{pad}{name}:")
+            lines += _human_lines(item, depth + 1)
+        else:
+            if isinstance(item, bool):
+                item = "true" if item else "false"
+            lines.append(f"{pad}{name}: {item}")
+    return lines
