@@ -14,7 +14,7 @@ The Python API::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from corefmt import sync
@@ -42,6 +42,7 @@ from corefmt.errors import (
     BackingChainError,
     CorefmtError,
     ImageError,
+    InvalidRequest,
     NotSupported,
     OptionError,
     RangeError,
@@ -94,6 +95,7 @@ __all__ = [
     "Image",
     "ImageContext",
     "ImageError",
+    "InvalidRequest",
     "Limits",
     "MeasureResult",
     "MetadataCache",
@@ -114,6 +116,7 @@ __all__ = [
     "StorageFilterDriver",
     "TableHandle",
     "UnknownFormatError",
+    "bitmap",
     "choice",
     "compare",
     "convert",
@@ -184,12 +187,33 @@ def prefetch(image: str | Mapping[str, Any], format: str | None = None, *,
         return prefetch_node(node, throttle=throttle, progress=progress)
 
 
+def bitmap(image: str | Mapping[str, Any], name: str,
+           actions: Sequence[str | tuple[str, str]], format: str | None = None, *,
+           granularity: int | None = None, source_file: str | None = None,
+           source_format: str | None = None) -> None:
+    """Change persistent dirty bitmap ``name`` (``corefmt bitmap``): actions
+    "add", "remove", "clear", "enable", "disable" or ("merge", SOURCE), run in
+    order on one read-write open; merge reads SOURCE from ``source_file`` if
+    given. Stored when the image closes (a failing action keeps the ones
+    before it)."""
+    from corefmt.ops.bitmap import as_action, run_actions
+
+    steps = [as_action(action) for action in actions]
+    with open_chain(image, format, backing=False) as node:
+        if source_file is None:
+            run_actions(node, name, steps, granularity=granularity)
+            return
+        with open_chain(source_file, source_format, read_only=True, backing=False) as source:
+            run_actions(node, name, steps, granularity=granularity, source=source)
+
+
 def compare(a: str, b: str, *, a_format: str | None = None, b_format: str | None = None,
             strict: bool = False) -> CompareResult:
     """Compare two images' guest-visible content (qemu-img compare)."""
     with open_chain(a, a_format, read_only=True) as first, \
             open_chain(b, b_format, read_only=True) as second:
         return compare_nodes(first, second, strict=strict)
+
 
 def snapshot_list(image: str | Mapping[str, Any], format: str | None = None, *,
                   force_share: bool = False) -> list[SnapshotInfo]:

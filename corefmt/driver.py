@@ -11,6 +11,9 @@ what is missing where it can:
 - ``check(fix) -> CheckResult``, ``amend``, snapshots, bitmaps: see
   ``corefmt.capabilities``.
 - ``set_backing(ref)``: rewrite the backing reference (rebase).
+- ``prepare_write(offset, data, flags) -> callable``: do the part of a
+  write that needs no lock now (qcow2 compresses there) and return what
+  stores it; the block layer calls it from ``BlockNode.prepare_write``.
 
 A method may also decline one request by raising ``NotSupported``; the
 core then emulates it (zeros written, discard skipped) as if the method
@@ -210,6 +213,10 @@ class FormatDriver(abc.ABC):
     #: Whether the format records the backing file's format (qcow v1 cannot:
     #: then ``create -b`` needs no ``-F`` and the backing is probed on open).
     records_backing_format: bool = True
+    #: Whether the format can store data compressed (``convert -c`` refuses
+    #: other formats before it creates anything; an image may still decline
+    #: one, through ``Image.supports("write_compressed")``).
+    supports_compression: bool = False
     #: ``-o`` option strings ``corefmt stress --matrix`` tests the format with
     #: ("" = defaults); a driver lists the variants worth racing and crashing.
     stress_option_sets: tuple[str, ...] = ("",)

@@ -45,6 +45,11 @@ class RangeError(CorefmtError):
     """A request that reaches outside the image."""
 
 
+class InvalidRequest(CorefmtError):
+    """A request the driver cannot take in this shape (QEMU's -EINVAL): a
+    compressed write that does not cover whole clusters, say."""
+
+
 class StorageError(CorefmtError):
     """An I/O error from the storage below, with the file it happened on."""
 

@@ -64,6 +64,11 @@ mv overlay.qcow2 overlay.qcow2.away   # the chain below is gone...
 corefmt compare -f fvd -F raw top.fvd expected.raw   # ...and top.fvd still reads the same
 mv overlay.qcow2.away overlay.qcow2
 
+echo "== a compressed qcow2 of the whole chain (convert -c compresses on every core)"
+corefmt convert -c -O qcow2 -o compression_type=zstd top.fvd packed.qcow2
+corefmt compare top.fvd packed.qcow2
+corefmt check packed.qcow2
+
 echo "== the Python API"
 python3 - <<'PY'
 import corefmt
@@ -78,5 +83,6 @@ if command -v qemu-img >/dev/null; then
     qemu-img check overlay.qcow2
     qemu-img compare -f qcow2 -F qcow2 overlay.qcow2 flat.qcow2
     qemu-img compare -f raw -F raw expected.raw top-flat.raw   # qemu has no FVD driver
+    qemu-img compare -f raw -F qcow2 expected.raw packed.qcow2
 fi
 echo "demo finished"

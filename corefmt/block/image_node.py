@@ -10,6 +10,7 @@ request the driver declines with NotSupported).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -492,6 +493,38 @@ class ImageNode(BlockNode):
                 self._write_aligned(offset, view, flags)
         finally:
             self._changed()  # a failed write may have written part: flush it too
+
+    def prepare_write(self, offset: int, data: bytes | bytearray | memoryview,
+                      flags: RequestFlags | int = 0) -> Callable[[], None]:
+        """The image's ``prepare_write`` where it has one (qcow2 compresses
+        there), for a request it takes as it is; otherwise the whole write
+        later. The returned callable stores the data as ``write`` would."""
+        view = memoryview(data).cast("B")
+        self._check_writable()
+        self._check_range(offset, len(view))
+        flags = int(flags)
+        limits = self._limits
+        alignment = self.request_alignment
+        if (not view or not supports(self._image, "prepare_write")
+                or (limits.max_transfer is not None and len(view) > limits.max_transfer)
+                or offset % alignment or len(view) % alignment):
+            return functools.partial(self.write, offset, view, flags)
+        if flags & _COMPRESSED and not supports(self._image, "write_compressed"):
+            raise NotSupported(f"{self.filename}: compression is not supported for the "
+                               f"{self.format_name} format")
+        store = self._image.prepare_write(offset, view, RequestFlags(flags))
+
+        def commit() -> None:
+            self._check_writable()
+            self._observe("write", offset, len(view))
+            try:
+                with self._tracker.track(offset, offset + len(view), exclusive=True):
+                    if self._event_sinks:
+                        self.emit(EVENT_WRITE)
+                    store()
+            finally:
+                self._changed()
+        return commit
 
     def _write_aligned(self, offset: int, view: memoryview, flags: int) -> None:
         write_unaligned(offset, view, self.request_alignment, self._read_untracked,

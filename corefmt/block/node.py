@@ -13,9 +13,10 @@ filters on the edge), never from its Image directly.
 from __future__ import annotations
 
 import abc
+import functools
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from corefmt.block.tracked import RequestTracker
@@ -173,6 +174,15 @@ class BlockNode(abc.ABC):
     def write(self, offset: int, data: bytes | bytearray | memoryview,
               flags: RequestFlags = RequestFlags.NONE) -> None:
         ...
+
+    def prepare_write(self, offset: int, data: bytes | bytearray | memoryview,
+                      flags: RequestFlags = RequestFlags.NONE) -> Callable[[], None]:
+        """Split a write into the work that needs no lock and the rest: the
+        first is done now, on the caller's thread; the returned callable
+        does the rest. convert -c compresses on all its workers this way and
+        stores the clusters in guest order. By default nothing is prepared:
+        the callable is the whole write."""
+        return functools.partial(self.write, offset, data, flags)
 
     @abc.abstractmethod
     def write_zeroes(self, offset: int, length: int, unmap: bool = False,

@@ -23,7 +23,14 @@ from typing import Any, TextIO
 import attrs
 
 from corefmt.block.node import BlockNode
-from corefmt.errors import CorefmtError, NotSupported, RangeError, ReadOnlyError, StorageError
+from corefmt.errors import (
+    CorefmtError,
+    InvalidRequest,
+    NotSupported,
+    RangeError,
+    ReadOnlyError,
+    StorageError,
+)
 from corefmt.flags import RequestFlags
 
 PROGRAM = "corefmt"
@@ -342,6 +349,8 @@ def _error_reason(error: CorefmtError) -> str:
         return os.strerror(errno.EIO)
     if isinstance(error, ReadOnlyError):
         return "Block node is read-only"
+    if isinstance(error, InvalidRequest):
+        return os.strerror(errno.EINVAL)
     if isinstance(error, StorageError) and error.errno:
         return os.strerror(error.errno)
     return str(error)

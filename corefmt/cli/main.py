@@ -12,6 +12,7 @@ from corefmt import plugins
 from corefmt.block.chain import open_chain
 from corefmt.block.imagespec import parse_image_opts
 from corefmt.capabilities import CheckFix
+from corefmt.cli.bitmap import add_bitmap_parser
 from corefmt.cli.fuzz import add_fuzz_parser
 from corefmt.cli.iocmd import run_commands
 from corefmt.cli.prefetch import add_prefetch_parser
@@ -175,7 +176,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 allow_protocols=_protocols(args), force_share=args.force_share,
                 target_format=args.output_format, options=options, sparse_size=sparse,
                 workers=args.workers, progress=progress, cache=args.cache,
-                snapshot=args.snapshot)
+                compress=args.compress, snapshot=args.snapshot)
     finally:
         if progress:
             progress.close()
@@ -425,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_image_opts(converting)
     converting.add_argument("-O", dest="output_format", default="raw")
     converting.add_argument("-o", dest="options", action="append")
+    converting.add_argument("-c", dest="compress", action="store_true",
+                            help="store data compressed (formats that can: qcow2)")
     converting.add_argument("-p", dest="progress", action="store_true")
     converting.add_argument("-q", dest="quiet", action="store_true")
     converting.add_argument("-S", dest="sparse_size",
@@ -511,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     io_verb.set_defaults(run=cmd_io)
 
     add_prefetch_parser(verbs)
+    add_bitmap_parser(verbs)
     add_snapshot_parser(verbs)
     add_stress_parser(verbs)
     add_fuzz_parser(verbs)

@@ -10,6 +10,7 @@ background as the copy goes, so the final flush has little left to wait for.
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 import threading
@@ -22,6 +23,7 @@ from corefmt.block.chain import open_chain
 from corefmt.block.node import BlockNode
 from corefmt.errors import CorefmtError, OptionError
 from corefmt.extents import ChainExtent
+from corefmt.flags import RequestFlags
 from corefmt.ops.create import GENERIC_SIZE_KEY, create
 from corefmt.options import parse_option_string
 from corefmt.registry import Registry
@@ -61,6 +63,10 @@ CACHE_MODES: dict[str, tuple[bool, bool]] = {
     "unsafe": (False, False),
 }
 DEFAULT_CACHE_MODE = "writeback"
+#: Compressing threads per request in flight for convert -c (see _copy_compressed).
+COMPRESS_THREADS_PER_REQUEST = 2
+#: qemu-img convert -c's refusal for a format that cannot compress.
+COMPRESSION_UNSUPPORTED = "Compression not supported for this file format"
 
 ProgressFn = Callable[[int, int], None]
 
@@ -152,6 +158,35 @@ def zero_runs(view: memoryview, granularity: int) -> Iterator[tuple[int, int, bo
     yield run_start, length - run_start, bool(run_zero)
 
 
+def cluster_chunks(node: BlockNode, buffer_size: int, cluster: int
+                   ) -> Iterator[tuple[int, int]]:
+    """(offset, length) windows that cover the chain's data in whole
+    clusters of the target (a compressed write must be whole clusters; only
+    the disk's last one may be short), each at most ``buffer_size`` rounded
+    down to clusters. Zero and unallocated ranges between them are skipped."""
+    size = node.virtual_size
+    step = max(cluster, buffer_size // cluster * cluster)
+    start = end = -1
+    for extent in chain_extents(node):
+        if extent.zero or extent.node is None:
+            continue
+        first = extent.offset // cluster * cluster
+        last = min(size, -(-extent.end // cluster) * cluster)
+        if first <= end:
+            end = max(end, last)
+            continue
+        if end > start:
+            yield from _windows(start, end, step)
+        start, end = first, last
+    if end > start:
+        yield from _windows(start, end, step)
+
+
+def _windows(start: int, end: int, step: int) -> Iterator[tuple[int, int]]:
+    for offset in range(start, end, step):
+        yield offset, min(step, end - offset)
+
+
 class _Copier:
     """Copies one piece; each worker thread reuses its own buffer."""
 
@@ -187,6 +222,34 @@ class _Copier:
             elif not self.target_zeroed:
                 self.target.write_zeroes(offset + start, run)
         return length
+
+
+    def prepare_compressed(self, offset: int, length: int, cluster: int
+                           ) -> list[Callable[[], None]]:
+        """Read a window and compress its clusters here, on a worker thread;
+        what is returned stores them, called in guest order by the caller.
+        All-zero clusters are left out (zeroed if the target does not read
+        as zeros), as qemu-img convert -c leaves them."""
+        buffer = bytearray(length)  # its own: it lives until the stores ran
+        view = memoryview(buffer)
+        self.source.readinto(offset, view)
+        steps: list[Callable[[], None]] = []
+        run_start = None
+        for start in [*range(0, length, cluster), length]:  # the end closes the last run
+            zero = start < length and is_zero(view[start:start + cluster])
+            if start < length and not zero:
+                if run_start is None:
+                    run_start = start
+                continue
+            if run_start is not None:
+                steps.append(self.target.prepare_write(offset + run_start,
+                                                       view[run_start:start],
+                                                       RequestFlags.COMPRESSED))
+                run_start = None
+            if zero and not self.target_zeroed:
+                piece = min(cluster, length - start)
+                steps.append(functools.partial(self.target.write_zeroes, offset + start, piece))
+        return steps
 
 
 def _no_zero_block(buffer: bytearray, length: int, granularity: int) -> bool:
@@ -253,13 +316,15 @@ def convert(source: str | Mapping[str, Any], target: str, *, source_format: str 
             workers: int = DEFAULT_WORKERS, progress: ProgressFn | None = None,
             cache: str = DEFAULT_CACHE_MODE, registry: Registry | None = None,
             allow_protocols: Collection[str] = (), force_share: bool = False,
-            snapshot: str | None = None) -> None:
+            compress: bool = False, snapshot: str | None = None) -> None:
     """Write the guest-visible content of ``source`` into a new ``target`` image.
 
     ``cache`` takes qemu-img's -t names: "unsafe" never flushes the target
     (qemu-img convert's default), "none"/"directsync" bypass the page cache.
-    ``snapshot`` copies an internal snapshot of the source instead (qemu-img
-    convert -l: an id or name, or ``snapshot.id=ID,snapshot.name=NAME``).
+    ``compress`` stores every data cluster compressed (qemu-img convert -c),
+    compressing on two threads per worker. ``snapshot`` copies an internal
+    snapshot of the source instead (qemu-img convert -l: an id or name, or
+    ``snapshot.id=ID,snapshot.name=NAME``).
     """
     registry = registry or plugins.registry()
     if cache not in CACHE_MODES:
@@ -269,7 +334,8 @@ def convert(source: str | Mapping[str, Any], target: str, *, source_format: str 
         raise OptionError("buffer size and worker count must be positive")
     if sparse_size < 0 or (sparse_size and sparse_size % 512):
         raise OptionError("sparse size must be a multiple of 512 bytes (0 disables it)")
-    registry.format(target_format)
+    if not registry.format(target_format).supports_compression and compress:
+        raise OptionError(COMPRESSION_UNSUPPORTED)
     if snapshot is not None:  # qemu-img: a bad -l is refused before anything opens
         from corefmt.ops.snapshot import parse_snapshot_option
 
@@ -297,7 +363,7 @@ def convert(source: str | Mapping[str, Any], target: str, *, source_format: str 
             copy_node(src, dst, sparse_size=sparse_size, buffer_size=buffer_size,
                       workers=workers, progress=progress,
                       target_zeroed=reads_as_zeros(dst, src.virtual_size),
-                      flush_interval=FLUSH_INTERVAL if durable else 0)
+                      flush_interval=FLUSH_INTERVAL if durable else 0, compress=compress)
             if durable:
                 dst.flush()
 
@@ -336,15 +402,19 @@ def _same_file(first: str, second: str) -> bool:
 def copy_node(src: BlockNode, dst: BlockNode, *, sparse_size: int = DEFAULT_SPARSE_SIZE,
               buffer_size: int = DEFAULT_BUFFER_SIZE, workers: int = DEFAULT_WORKERS,
               progress: ProgressFn | None = None, target_zeroed: bool = False,
-              flush_interval: int = 0) -> None:
+              flush_interval: int = 0, compress: bool = False) -> None:
     """Copy the content of one open node into another of at least the same size.
 
     With ``flush_interval`` > 0, ``dst`` is also flushed in the background
     every that many copied bytes (the caller still flushes at the end).
+    With ``compress``, data is written compressed (see _copy_compressed).
     """
     total = src.virtual_size
     copier = _Copier(src, dst, buffer_size, sparse_size, target_zeroed)
     flusher = _BackgroundFlush(dst, flush_interval)
+    if compress:
+        _copy_compressed(src, dst, copier, flusher, buffer_size, workers, progress)
+        return
     done = 0
     if progress:
         progress(0, total)
@@ -369,6 +439,55 @@ def copy_node(src: BlockNode, dst: BlockNode, *, sparse_size: int = DEFAULT_SPAR
                     done += future.result()
             finally:
                 for future in pending:
+                    future.cancel()
+    except BaseException:
+        flusher.finish(raise_error=False)
+        raise
+    flusher.finish()
+    if progress:
+        progress(total, total)
+
+
+def _copy_compressed(src: BlockNode, dst: BlockNode, copier: _Copier,
+                     flusher: _BackgroundFlush, buffer_size: int, workers: int,
+                     progress: ProgressFn | None) -> None:
+    """convert -c: workers read and compress windows of whole clusters; this
+    thread stores them strictly in guest order, so the packed compressed
+    clusters lie in the file as qemu-img lays them. Each of the ``workers``
+    requests gets COMPRESS_THREADS_PER_REQUEST threads: a thread holding
+    the GIL between two clusters then leaves the core to another one's
+    compression (measured on 2 cores, zstd: 2 threads 0.63 of qemu-img's
+    time, 4 threads 0.54). At most two windows per thread (their data and
+    compressed streams) are in memory."""
+    total = src.virtual_size
+    threads = workers * COMPRESS_THREADS_PER_REQUEST
+    cluster = max(1, dst.limits.copy_granularity)
+    if progress:
+        progress(0, total)
+    pending: collections.deque[tuple[int, int, Future[list[Callable[[], None]]]]] = (
+        collections.deque())
+
+    def store_oldest() -> None:
+        offset, length, future = pending.popleft()
+        for step in future.result():
+            step()
+        flusher.copied(length)
+        if progress:
+            progress(offset + length, total)
+
+    try:
+        with ThreadPoolExecutor(max_workers=threads,
+                                thread_name_prefix="corefmt-compress") as pool:
+            try:
+                for offset, length in cluster_chunks(src, buffer_size, cluster):
+                    while len(pending) >= threads * 2:
+                        store_oldest()
+                    pending.append((offset, length, pool.submit(
+                        copier.prepare_compressed, offset, length, cluster)))
+                while pending:
+                    store_oldest()
+            finally:
+                for _offset, _length, future in pending:
                     future.cancel()
     except BaseException:
         flusher.finish(raise_error=False)

@@ -18,7 +18,7 @@ import pytest
 from corefmt_qcow2 import events
 
 import corefmt
-from corefmt import CorefmtError, plugins
+from corefmt import CorefmtError, RequestFlags, plugins
 from tests.conftest import fill
 
 pytestmark = pytest.mark.interop
@@ -33,7 +33,7 @@ SIZE = 8 * MiB
 EVENTS = (events.L1_UPDATE, events.L2_ALLOC_WRITE, events.L2_UPDATE, events.REFBLOCK_UPDATE,
           events.REFBLOCK_ALLOC, events.REFTABLE_UPDATE, events.REFTABLE_GROW,
           events.CLUSTER_ALLOC, events.COW_WRITE, events.HEADER_UPDATE,
-          events.L1_GROW_WRITE_TABLE)
+          events.L1_GROW_WRITE_TABLE, events.CLUSTER_ALLOC_BYTES, events.WRITE_COMPRESSED)
 OPTION_SETS = {
     "default": "",
     "c512-rb64": "cluster_size=512,refcount_bits=64",
@@ -63,6 +63,11 @@ def _workload(disk) -> None:
     disk.write_zeroes(2 * MiB, 128 * KiB)
     disk.write(2 * MiB + 4 * KiB, fill(1 * KiB, 99))  # into the zeroed (zero) clusters
     disk.discard(5 * MiB, 256 * KiB)
+    # Compressed clusters packed into shared host clusters, one of them then
+    # overwritten in place of a compressed one, another discarded.
+    disk.write(3 * MiB, fill(16, 5) * 8192, RequestFlags.COMPRESSED)
+    disk.write(3 * MiB, fill(16, 6) * 4096, RequestFlags.COMPRESSED)
+    disk.discard(3 * MiB + 64 * KiB, 64 * KiB)
     disk.flush()
     disk.truncate(64 * MiB)  # a bigger L1 for the small clusters
     disk.write(60 * MiB, fill(2 * MiB, 7))  # past the first refcount table (512-byte clusters)

@@ -52,6 +52,7 @@ class Qcow2Driver(FormatDriver):
     open_options = Qcow2OpenOptions
     amend_options = Qcow2AmendOptions
     supports_backing = True
+    supports_compression = True
     stress_option_sets = (
         "",
         "cluster_size=4096,refcount_bits=1",

@@ -17,6 +17,8 @@ REFTABLE_GROW = "reftable_grow"
 REFTABLE_UPDATE = "reftable_update"
 CLUSTER_ALLOC = "cluster_alloc"
 COW_WRITE = "cow_write"
+CLUSTER_ALLOC_BYTES = "cluster_alloc_bytes"
+WRITE_COMPRESSED = "write_compressed"
 HEADER_UPDATE = "header_update"  # corefmt's own: qemu has no event for it
 SNAPSHOT_TABLE_WRITE = "snapshot_table_write"  # corefmt's own too
 

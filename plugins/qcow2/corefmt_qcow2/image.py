@@ -22,7 +22,9 @@ the next read-write open, as qemu does.
 from __future__ import annotations
 
 import contextlib
+import functools
 import struct
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from corefmt import (
@@ -33,6 +35,7 @@ from corefmt import (
     Image,
     ImageContext,
     ImageError,
+    InvalidRequest,
     Limits,
     MetadataCache,
     NotSupported,
@@ -42,7 +45,8 @@ from corefmt import (
     sync,
 )
 from corefmt.cache import l2_cache_entries, refcount_cache_entries
-from corefmt_qcow2 import events, l2
+from corefmt_qcow2 import compression, events, l2
+from corefmt_qcow2.bitmaps import BitmapMethods, Bitmaps
 from corefmt_qcow2.events import EventStorage
 from corefmt_qcow2.header import MAX_HEADER_READ, unpack_header
 from corefmt_qcow2.l2 import (
@@ -60,6 +64,7 @@ from corefmt_qcow2.layout import (
     AUTOCLEAR_DATA_FILE_RAW,
     AUTOCLEAR_UNDERSTOOD,
     COMPAT_LAZY_REFCOUNTS,
+    COMPRESSED_SECTOR,
     ENTRY,
     INCOMPAT_CORRUPT,
     INCOMPAT_DATA_FILE,
@@ -95,7 +100,7 @@ def _breaks_run(run_kind: int, kind: int) -> bool:
     return kind != run_kind and not (kind in unallocated and run_kind in unallocated)
 
 
-class Qcow2Image(Image):
+class Qcow2Image(BitmapMethods, Image):
     def __init__(self, storage: Storage, context: ImageContext):
         super().__init__(storage, context)
         path = context.path
@@ -154,6 +159,7 @@ class Qcow2Image(Image):
         self._metadata_preallocated: bool | None = None
         self._l1_version = 0
         self._metadata: tuple[tuple[int, int], dict[int, str]] | None = None
+        self.bitmaps = Bitmaps(self)
         if not context.read_only:
             self._open_read_write()
         self._snapshot_table: SnapshotTable | None = None
@@ -213,6 +219,7 @@ class Qcow2Image(Image):
             changed = True
         if changed:
             self.write_header()
+        self.bitmaps.open_read_write()
 
     # -- the header ---------------------------------------------------------------------
     def write_header(self) -> None:
@@ -462,7 +469,7 @@ class Qcow2Image(Image):
             raise self.signal_corruption("L2 table", None, f"compressed cluster {cluster} at "
                                          f"{host:#x} lies past the end of the file")
         data = self.storage.read(host, length)
-        content = l2.decompress(data, self.cluster_size, self.header.compression_type)
+        content = compression.decompress(data, self.cluster_size, self.header.compression_type)
         if content is None:
             raise ImageError(self.context.path, "compressed cluster", host,
                              f"guest cluster {cluster} does not decompress")
@@ -501,6 +508,12 @@ class Qcow2Image(Image):
               flags: RequestFlags = RequestFlags.NONE) -> None:
         self._check_writable()
         view = memoryview(data).cast("B")
+        self.bitmaps.note(offset, len(view), flags)
+        if flags & RequestFlags.COMPRESSED:
+            self._store_compressed(self._compress_clusters(offset, view))
+            if flags & RequestFlags.FUA:
+                self.flush()
+            return
         total, done = len(view), 0
         while done < total:
             kind, host, run = self.map_run(offset + done, offset + total)
@@ -636,6 +649,112 @@ class Qcow2Image(Image):
         if not reuse:
             self._free_entry(entry, cluster)
 
+    # -- compressed writes ----------------------------------------------------------------
+    def prepare_write(self, offset: int, data: bytes | memoryview,
+                      flags: RequestFlags = RequestFlags.NONE) -> Callable[[], None]:
+        """Do now the part of a write that needs no lock, and return the rest.
+
+        For a compressed write that is the compression, on the caller's
+        thread (zlib and zstd release the GIL): convert -c compresses on all
+        its workers and stores the clusters in guest order, so the image is
+        laid out as qemu-img's one-thread conversion lays it out."""
+        if not flags & RequestFlags.COMPRESSED:
+            return functools.partial(self.write, offset, data, flags)
+        self._check_writable()
+        view = memoryview(data).cast("B")
+        clusters = self._compress_clusters(offset, view)
+
+        def store() -> None:
+            self.bitmaps.note(offset, len(view), flags)
+            self._store_compressed(clusters)
+            if flags & RequestFlags.FUA:
+                self.flush()
+        return store
+
+    def _compress_clusters(self, offset: int, view: memoryview
+                           ) -> list[tuple[int, bytes | memoryview, bool]]:
+        """(guest cluster, bytes to store, compressed?) for a compressed write
+        of whole clusters (the image's last cluster may be partial: qemu pads
+        it with zeros)."""
+        cs = self.cluster_size
+        if self.has_data_file:
+            raise NotSupported(f"{self.context.path}: compression is not supported with an "
+                               "external data file")
+        end = offset + len(view)
+        if offset % cs or (len(view) % cs and end != self.virtual_size):
+            raise InvalidRequest(f"{self.context.path}: a compressed write must cover whole "
+                                 f"{cs}-byte clusters (offset {offset}, length {len(view)})")
+        clusters = []
+        for start in range(0, len(view), cs):
+            piece = view[start:start + cs]
+            whole = piece if len(piece) == cs else bytes(piece) + bytes(cs - len(piece))
+            stream = compression.compress(whole, self.header.compression_type)
+            clusters.append(((offset + start) // cs,
+                             piece if stream is None else stream, stream is not None))
+        return clusters
+
+    def _store_compressed(self, clusters: list[tuple[int, bytes | memoryview, bool]]) -> None:
+        """Store compressed clusters packed one after the other (qemu's
+        layout); a cluster that did not compress is written as a normal one.
+
+        Ordering as for any allocation: the L2 tables exist first (as in
+        qemu, so a new table does not split the packed run), the packed
+        bytes' refcounts go into the cache, the bytes are written, and only
+        then do the L2 entries change, made to depend on the refcounts; what
+        the old entries held is freed after them."""
+        self._check_writable()
+        cs = self.cluster_size
+        done = 0
+        while done < len(clusters):
+            cluster, payload, compressed = clusters[done]
+            if not compressed:
+                self.write(cluster * cs, payload)
+                done += 1
+                continue
+            group = []
+            while done < len(clusters) and clusters[done][2]:
+                group.append(clusters[done][:2])
+                done += 1
+            with self.lock:
+                self._store_compressed_group(group)
+
+    def _store_compressed_group(self, group: list[tuple[int, bytes | memoryview]]) -> None:
+        epl = self.l2_entries
+        placed = []
+        for cluster, stream in group:
+            entry, _bitmap = self.entry(cluster)
+            table = self.writable_l2(cluster // epl)
+            self.context.emit(events.CLUSTER_ALLOC_BYTES)
+            host = self.refcounts.allocate_bytes(len(stream))
+            if self.lazy:
+                self._mark_dirty()
+            self.check_overlap(host, len(stream))
+            placed.append((cluster, table, host, stream, entry))
+        # The last decompressed cluster is cached by its entry: a new stream
+        # may land where a freed one lay, with the very same entry.
+        self._decompressed = None
+        run_start, run = 0, bytearray()
+        for _cluster, _table, host, stream, _entry in placed:
+            if run and run_start + len(run) != host:
+                self.context.emit(events.WRITE_COMPRESSED)
+                self.storage.write(run_start, run)
+                run = bytearray()
+            if not run:
+                run_start = host
+            run += stream
+        if run:
+            self.context.emit(events.WRITE_COMPRESSED)
+            self.storage.write(run_start, run)
+        self._order_data_before_l2(allocated=True)
+        layout = self.compressed
+        for cluster, table, host, stream, entry in placed:
+            sectors = (host + len(stream) - 1) // COMPRESSED_SECTOR - host // COMPRESSED_SECTOR
+            new_entry = l2.OFLAG_COMPRESSED | sectors << layout.offset_bits | host
+            with self.l2_cache.get(table) as handle:
+                self.set_entry(handle, cluster % epl, new_entry, 0 if self.extended else None)
+            if entry & l2.OFLAG_COMPRESSED or self._has_host(entry):
+                self._free_entry(entry, cluster)
+
     def _has_host(self, entry: int) -> bool:
         """Whether an uncompressed entry names a host cluster (see kind_of)."""
         return bool(entry & OFFSET_MASK) or (self.has_data_file and bool(entry & OFLAG_COPIED))
@@ -769,6 +888,8 @@ class Qcow2Image(Image):
     def supports(self, capability: str) -> bool:
         if capability == "write_zeroes":
             return self.header.version >= VERSION_3
+        if capability == "write_compressed":  # qemu: not with an external data file
+            return not self.has_data_file
         return super().supports(capability)
 
     def write_zeroes(self, offset: int, length: int, unmap: bool = False,
@@ -776,6 +897,7 @@ class Qcow2Image(Image):
         """qemu's zero_in_l2_slice: zero flags (or extended zero bits); a
         cluster's host space is given back only with ``unmap``."""
         self._check_writable()
+        self.bitmaps.note(offset, length, flags)
         if self.header.version < VERSION_3:
             raise NotSupported("qcow2 v2 has no zero clusters")
         if self.data_file_raw:
@@ -832,6 +954,7 @@ class Qcow2Image(Image):
         read as zeros in v3; v2 with a backing file is left alone, as qemu
         does (it could not make them read as zeros)."""
         self._check_writable()
+        self.bitmaps.note(offset, length)
         if self.header.version < VERSION_3 and self.backing is not None:
             return
         cs = self.cluster_size
@@ -881,6 +1004,7 @@ class Qcow2Image(Image):
             if not self.context.read_only:
                 with self.lock:
                     self._flush()
+                    self.bitmaps.store()
                     if self.header.incompatible_features & INCOMPAT_DIRTY:
                         self.header.incompatible_features &= ~INCOMPAT_DIRTY
                         self.write_header()

@@ -26,6 +26,9 @@ def format_specific(image: Qcow2Image) -> dict[str, Any]:
         data["refcount-bits"] = header.refcount_bits
         return data
     data["lazy-refcounts"] = bool(header.compatible_features & COMPAT_LAZY_REFCOUNTS)
+    bitmaps = image.bitmaps.directory_info()
+    if bitmaps:
+        data["bitmaps"] = bitmaps
     data["refcount-bits"] = header.refcount_bits
     if image.has_data_file:
         data["data-file"] = header.data_file

@@ -3,11 +3,8 @@ its 32 subclusters) is, as qcow2.txt's "Cluster mapping" defines it."""
 
 from __future__ import annotations
 
-import zlib
-
 from corefmt_qcow2.layout import (
     COMPRESSED_SECTOR,
-    COMPRESSION_ZSTD,
     OFFSET_MASK,
     OFLAG_COMPRESSED,
     OFLAG_COPIED,
@@ -27,8 +24,6 @@ INVALID = 6
 
 #: Kinds whose data comes from the host cluster at ``entry & OFFSET_MASK``.
 HAS_HOST = (UNALLOCATED_ALLOC, ZERO_ALLOC, NORMAL)
-#: zlib's raw deflate with a 4 KiB window: what qemu writes and reads.
-ZLIB_WINDOW_BITS = -12
 
 
 def kind_of(entry: int, bitmap: int | None, subcluster: int = 0, data_file: bool = False) -> int:
@@ -84,30 +79,3 @@ class CompressedLayout:
         sectors = (entry >> self.offset_bits & self.sectors_mask) + 1
         start = offset - offset % COMPRESSED_SECTOR
         return start, sectors * COMPRESSED_SECTOR
-
-
-def decompress(data: bytes, cluster_size: int, compression_type: int) -> bytes | None:
-    """A compressed cluster's content, or None if it does not decompress to
-    exactly one cluster (the stored length is rounded up to sectors, so
-    trailing bytes after the stream are expected)."""
-    if compression_type == COMPRESSION_ZSTD:
-        import zstandard
-
-        out = bytearray()
-        try:  # a stream reader: a hostile frame cannot make more than a cluster
-            reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=False)
-            while len(out) < cluster_size:
-                chunk = reader.read(cluster_size - len(out))
-                if not chunk:
-                    break
-                out += chunk
-        except zstandard.ZstdError:
-            return None
-    else:
-        try:
-            out = zlib.decompressobj(ZLIB_WINDOW_BITS).decompress(data, cluster_size)
-        except zlib.error:
-            return None
-    if len(out) < cluster_size:
-        return None
-    return bytes(out[:cluster_size])

@@ -47,8 +47,8 @@ COMPAT_LAZY_REFCOUNTS = 1 << 0
 # Autoclear feature bits.
 AUTOCLEAR_BITMAPS = 1 << 0
 AUTOCLEAR_DATA_FILE_RAW = 1 << 1
-#: Autoclear bits this driver keeps valid when it writes (bitmaps: part 2).
-AUTOCLEAR_UNDERSTOOD = AUTOCLEAR_DATA_FILE_RAW
+#: Autoclear bits this driver keeps valid when it writes (bitmaps: corefmt_qcow2.bitmaps).
+AUTOCLEAR_UNDERSTOOD = AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_FILE_RAW
 
 COMPRESSION_ZLIB, COMPRESSION_ZSTD = 0, 1
 COMPRESSION_NAMES = {"zlib": COMPRESSION_ZLIB, "zstd": COMPRESSION_ZSTD}

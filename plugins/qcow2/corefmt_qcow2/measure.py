@@ -16,13 +16,8 @@ from typing import TYPE_CHECKING
 from corefmt import MeasureResult, OptionError
 from corefmt.ops.convert import chain_extents
 from corefmt_qcow2.layout import (
-    AUTOCLEAR_BITMAPS,
-    BITMAP_DIRECTORY_ENTRY,
-    BITMAPS_EXTENSION,
-    EXT_BITMAPS,
     MAX_L1_BYTES,
     MIN_EXTL2_CLUSTER_SIZE,
-    TABLE_ENTRY_ALIGNMENT,
     VERSION_2,
     VERSION_3,
     div_round_up,
@@ -40,7 +35,6 @@ DEFAULT_REFCOUNT_BITS = 16
 #: The compat words qemu's measure takes (create takes more).
 MEASURE_VERSIONS = {"0.10": VERSION_2, "1.1": VERSION_3}
 PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
-BITMAP_TABLE_ENTRY_SIZE = 8
 UINT64 = 2**64
 
 
@@ -107,35 +101,22 @@ def allocated_bytes(source: BlockNode, cluster_size: int) -> int:
 
 
 def persistent_bitmaps_size(source: BlockNode, cluster_size: int) -> int | None:
-    """qcow2_get_persistent_dirty_bitmap_size for the source's own bitmaps, or
-    None where the source cannot have any (qemu prints no bitmaps line)."""
+    """qcow2_get_persistent_dirty_bitmap_size for the source's own bitmaps
+    (in-use ones too: qemu loads them), or None where the source cannot have
+    any (qemu prints no bitmaps line)."""
+    from corefmt_qcow2.bitmaps import BITMAP_TABLE_ENTRY_SIZE, bitmap_bytes, entry_size
     from corefmt_qcow2.image import Qcow2Image
 
     image = getattr(source, "image", None)
     if not isinstance(image, Qcow2Image) or image.header.version < VERSION_3:
         return None
-    header = image.header
-    extension = header.extension(EXT_BITMAPS)
     total = directory_bytes = 0
-    if (extension is not None and header.autoclear_features & AUTOCLEAR_BITMAPS
-            and len(extension.data) >= BITMAPS_EXTENSION.size):
-        count, _reserved, size, offset = BITMAPS_EXTENSION.unpack_from(extension.data)
-        directory = image.storage.read(offset, size)
-        position = 0
-        length = source.virtual_size
-        for _ in range(count):
-            if position + BITMAP_DIRECTORY_ENTRY.size > len(directory):
-                break
-            (_table, _table_size, _flags, _type, granularity_bits, name_size,
-             extra_size) = BITMAP_DIRECTORY_ENTRY.unpack_from(directory, position)
-            bits = div_round_up(length, 1 << granularity_bits)
-            clusters = div_round_up(div_round_up(bits, 8), cluster_size)
-            total += clusters * cluster_size
-            total += round_up(clusters * BITMAP_TABLE_ENTRY_SIZE, cluster_size)
-            directory_bytes += round_up(BITMAP_DIRECTORY_ENTRY.size + name_size,
-                                        TABLE_ENTRY_ALIGNMENT)
-            position += round_up(BITMAP_DIRECTORY_ENTRY.size + extra_size + name_size,
-                                 TABLE_ENTRY_ALIGNMENT)
+    for bitmap in image.bitmaps.bitmaps:
+        clusters = div_round_up(bitmap_bytes(source.virtual_size, bitmap.granularity),
+                                cluster_size)
+        total += clusters * cluster_size
+        total += round_up(clusters * BITMAP_TABLE_ENTRY_SIZE, cluster_size)
+        directory_bytes += entry_size(len(bitmap.name.encode()))
     return total + round_up(directory_bytes, cluster_size)
 
 

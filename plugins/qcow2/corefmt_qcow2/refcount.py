@@ -100,6 +100,9 @@ class Refcounts:
         #: Clusters being allocated right now: their refcount is not set yet.
         self._reserved: set[int] = set()
         self.free_index = 0
+        #: Where the next compressed cluster's bytes go, inside a partly used
+        #: host cluster (0: start a new one); see allocate_bytes.
+        self.free_byte_offset = 0
         #: First cluster index past everything allocated or in the file.
         self.high_water = div_round_up(storage.size(), cluster_size)
         self.high_water = max(self.high_water, self._last_counted() + 1)
@@ -192,6 +195,10 @@ class Refcounts:
             handle.mark_dirty()
         if value == 0:
             self.free_index = min(self.free_index, cluster)
+            if self.free_byte_offset // self.cluster_size == cluster:
+                # The partly used compressed cluster is free: once reused it
+                # is someone else's, so packing must not continue in it.
+                self.free_byte_offset = 0
         return value
 
     def allocate(self, count: int = 1) -> int:
@@ -208,6 +215,43 @@ class Refcounts:
         if count == 1 or start == self.free_index:
             self.free_index = start + count
         return start * self.cluster_size
+
+    def allocate_bytes(self, size: int) -> int:
+        """``size`` bytes (at most a cluster) for a compressed cluster, packed
+        right after the previous one as qemu's qcow2_alloc_bytes packs them:
+        every host cluster the bytes touch gains one reference, so a host
+        cluster shared by several compressed clusters is freed with the last.
+
+        A partly used cluster is given up (a new one started) when its
+        refcount is full, or when it has dropped to zero: its compressed
+        clusters were freed, and a freed cluster is not reused before the
+        references to it are gone on disk."""
+        cs = self.cluster_size
+        offset = self.free_byte_offset
+        if offset:
+            count = self.get(offset // cs)
+            if count in (0, self.max_refcount) or offset // cs in self.quarantine:
+                offset = 0
+        room = cs - offset % cs if offset else 0
+        if room < size:
+            new = self._find_free(1)
+            if offset and new * cs == offset + room:  # the next cluster is free: span it
+                extra = [new]
+            else:
+                offset, extra = new * cs, [new]
+            self._reserved.update(extra)
+            self.high_water = max(self.high_water, new + 1)
+        else:
+            extra = []
+        try:
+            for cluster in range(offset // cs, (offset + size - 1) // cs + 1):
+                self.update(cluster, 1)
+        finally:
+            self._reserved.difference_update(extra)
+        if extra and extra[0] == self.free_index:
+            self.free_index = extra[0] + 1
+        self.free_byte_offset = (offset + size) if (offset + size) % cs else 0
+        return offset
 
     def free(self, offset: int, count: int = 1) -> None:
         """Drop one reference to each cluster; clusters that reach 0 wait in

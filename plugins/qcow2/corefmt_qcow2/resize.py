@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from corefmt import OptionError
-from corefmt_qcow2.layout import EXT_BITMAPS, VERSION_3, div_round_up
+from corefmt_qcow2.layout import VERSION_3, div_round_up
 
 if TYPE_CHECKING:
     from corefmt_qcow2.image import Qcow2Image
@@ -20,8 +20,8 @@ def resize(image: Qcow2Image, size: int) -> None:
         raise OptionError("The new size must be a multiple of 512")
     if header.nb_snapshots and header.version < VERSION_3:
         raise OptionError("Can't resize a v2 image which has snapshots")
-    if size < header.size and header.extension(EXT_BITMAPS) is not None:
-        raise OptionError("Cannot shrink an image with persistent bitmaps")
+    image.bitmaps.check_resize()  # qemu: consistent bitmaps follow the size, others refuse
+    old_size = header.size
     cs = image.cluster_size
     entries = div_round_up(size, cs * image.l2_entries)
     if size < header.size:
@@ -38,3 +38,4 @@ def resize(image: Qcow2Image, size: int) -> None:
     header.size = size
     image.virtual_size = size
     image.write_header()
+    image.bitmaps.resized(old_size)
