@@ -53,6 +53,12 @@ def add_stress_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--no-prefetch", dest="prefetch", action="store_false",
                         help="no prefetch in chains (ranges racing the workload, and "
                              "in some seeds the whole image to completion)")
+    parser.add_argument("--no-compressed", dest="compressed", action="store_false",
+                        help="no compressed writes (on by default where the image "
+                             "can store data compressed)")
+    parser.add_argument("--no-snapshots", dest="snapshots", action="store_false",
+                        help="no internal snapshot creates and deletes (on by default "
+                             "where the image has internal snapshots)")
     parser.add_argument("--no-delays", dest="delays", action="store_false",
                         help="complete racing storage requests in issue order (no reordering)")
     parser.add_argument("--real-files", dest="real_files", action="store_true",
@@ -103,7 +109,8 @@ def _config(args: argparse.Namespace) -> StressConfig:
     config = StressConfig(format=args.format, base=args.base, size=size, operations=args.ops,
                           crash=args.crash, errors=args.errors, copy_on_read=args.copy_on_read,
                           prefetch=args.prefetch, delays=args.delays, options=options,
-                          real_files=args.real_files, direct=args.direct)
+                          real_files=args.real_files, direct=args.direct,
+                          compressed=args.compressed, snapshots=args.snapshots)
     check_config(config)
     return config
 
@@ -154,7 +161,8 @@ def cmd_matrix(args: argparse.Namespace, base_config: StressConfig) -> int:
         own = seeds[index::len(targets)] if args.spread else seeds
         summary = run_seeds(config, own, _reporter(config, args.verbose))
         rows.append((target_name(config), summary))
-        print(f"{target_name(config)}: {summary.line()} "
+        extra = summary.new_kinds_line()
+        print(f"{target_name(config)}: {summary.line()}{f', {extra}' if extra else ''} "
               f"({time.monotonic() - started:.1f}s)", file=sys.stderr, flush=True)
     print(format_table(rows))
     combined = total([summary for _, summary in rows])
@@ -189,6 +197,8 @@ def cmd_stress(args: argparse.Namespace) -> int:
     summary = run_seeds(config, seeds, _reporter(config, args.verbose))
     elapsed = time.monotonic() - started
     prefetch = f", {summary.prefetch_line()}" if config.prefetch and config.base else ""
-    print(f"seeds {summary.seeds} in {elapsed:.1f}s{prefetch}", file=sys.stderr)
+    extra = summary.new_kinds_line()
+    extra = f", {extra}" if extra else ""
+    print(f"seeds {summary.seeds} in {elapsed:.1f}s{prefetch}{extra}", file=sys.stderr)
     print(summary.line())
     return EXIT_OK if summary.ok else EXIT_MISMATCH

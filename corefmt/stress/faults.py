@@ -16,6 +16,15 @@ last: the fills made durable, then the driver's record that the base is no
 longer needed. For a share of the seeds that have one, its fault (power cut
 or error) is counted from its first flush (where completion begins), so it
 lands inside completion.
+
+A snapshot create or delete makes tens of requests (flushes, refcounts,
+tables, the header), so its faults are spread over its first
+``SNAPSHOT_SPAN`` requests, and in a share of the seeds that have snapshot
+operations one of them takes the seed's power cut (or an error): the
+order of its steps is what must keep the image sound. Runs with those new
+kinds also cut the power inside the flushes after them (``flush_tags``): a
+flush writes the cached tables back in the order their dependencies ask
+for, which only a cut between its requests tests.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from __future__ import annotations
 import errno
 import random
 import threading
+from collections.abc import Sequence
 
 import attrs
 
@@ -59,6 +69,16 @@ COMPLETION_SPAN = 12
 #: Completion starts with this request kind (a prefetch's fills never flush
 #: before: checkpoints come every 64 MiB).
 COMPLETION_STARTS = "flush"
+SNAPSHOT_STREAM = "snapshot"
+#: A snapshot operation's fault lands at one of its first requests (a create
+#: on a 1 MiB image makes 9..53, a delete 14..17); later means after it.
+SNAPSHOT_SPAN = 12
+#: Share of seeds with snapshot operations whose fault is moved into one.
+SNAPSHOT_FAULT_SHARE = 0.6
+#: Share of the others whose power cut is moved into a flush, at one of its
+#: first FLUSH_SPAN requests (table and refcount write-backs, then the flush).
+FLUSH_FAULT_SHARE = 0.6
+FLUSH_SPAN = 6
 
 
 @attrs.frozen
@@ -147,10 +167,14 @@ def _error(rng: random.Random, drops: random.Random, index: int) -> PlannedError
 
 
 def plan_faults(rng: random.Random, seed: int, operations: int, *, errors: bool,
-                crash_disk: str | None, prefetch_tag: int | None = None) -> FaultPlan:
+                crash_disk: str | None, prefetch_tag: int | None = None,
+                snapshot_tags: Sequence[int] = (), flush_tags: Sequence[int] = ()
+                ) -> FaultPlan:
     """Faults of the workload's ops (tags 0..operations-1) and of the close
     that follows it (tag ``operations``); ``prefetch_tag`` names the op of a
-    whole-image prefetch, whose completion may take the fault."""
+    whole-image prefetch, whose completion may take the fault, and
+    ``snapshot_tags`` the snapshot operations, whose faults are spread, and
+    ``flush_tags`` flushes the power cut may land inside."""
     plan = FaultPlan(seed)
     drops = random.Random(f"{seed}:{DROP_STREAM}")
     lifecycle = random.Random(f"{seed}:{LIFECYCLE_STREAM}")
@@ -171,7 +195,42 @@ def plan_faults(rng: random.Random, seed: int, operations: int, *, errors: bool,
     if prefetch_tag is not None:
         _fault_completion(plan, random.Random(f"{seed}:{PREFETCH_STREAM}"), prefetch_tag,
                           operations, drops, errors=errors)
+    stream = random.Random(f"{seed}:{SNAPSHOT_STREAM}")
+    if snapshot_tags:
+        _fault_snapshots(plan, stream, snapshot_tags, operations, drops, errors=errors)
+    if flush_tags:
+        _cut_in_flush(plan, stream, flush_tags, [operations, *snapshot_tags])
     return plan
+
+
+def _cut_in_flush(plan: FaultPlan, rng: random.Random, tags: Sequence[int],
+                  keep: Sequence[int]) -> None:
+    """For some seeds, the power cut (if it is in the workload, not in a
+    ``keep`` op or a prefetch's completion) goes inside a flush."""
+    if (plan.crash_disk is None or plan.crash_tag in keep or plan.crash_tag in plan.anchors
+            or rng.random() >= FLUSH_FAULT_SHARE):
+        return
+    plan.crash_tag, plan.crash_index = rng.choice(tags), rng.randint(0, FLUSH_SPAN)
+
+
+def _fault_snapshots(plan: FaultPlan, rng: random.Random, tags: Sequence[int],
+                     close_tag: int, drops: random.Random, *, errors: bool) -> None:
+    """Spread the faults of snapshot operations over their requests; for some
+    seeds, move the power cut (if it is in the workload) or else an error
+    into one of them."""
+    for tag in tags:
+        if tag in plan.errors:
+            plan.errors[tag] = attrs.evolve(plan.errors[tag],
+                                            index=rng.randint(0, SNAPSHOT_SPAN))
+    if rng.random() < SNAPSHOT_FAULT_SHARE:
+        tag = rng.choice(tags)
+        if (plan.crash_disk is not None and plan.crash_tag != close_tag
+                and plan.crash_tag not in plan.anchors):  # not a prefetch's completion
+            plan.crash_tag = tag
+        elif errors:
+            plan.errors[tag] = _error(rng, drops, rng.randint(0, SNAPSHOT_SPAN))
+    if plan.crash_tag in tags:
+        plan.crash_index = rng.randint(0, SNAPSHOT_SPAN)
 
 
 def _fault_completion(plan: FaultPlan, rng: random.Random, tag: int, close_tag: int,

@@ -6,7 +6,9 @@ power cut (``durable``: its state at the last completed flush, or any state
 it went through since). Requests of one batch race, so a sector written by
 several of them may end in any order of their effects; a request that
 failed may have landed, torn at a sector boundary, or not at all.
-Prefetch ops change no sector: only whether they fail is judged.
+A compressed write is judged as a write. Prefetch and snapshot operations
+change no sector: only whether they fail is judged (``snapshots`` keeps
+what the snapshots hold).
 """
 
 from __future__ import annotations
@@ -15,7 +17,15 @@ from collections.abc import Callable, Iterable, Sequence
 
 import attrs
 
-from corefmt.stress.workload import DISCARD, FLUSH, READ, SECTOR_SIZE, WRITE, ZERO, Op
+from corefmt.stress.workload import (
+    DATA_KINDS,
+    DISCARD,
+    FLUSH,
+    READ,
+    SECTOR_SIZE,
+    WRITE_KINDS,
+    Op,
+)
 
 _ZERO_SECTOR = bytes(SECTOR_SIZE)
 #: Mismatch messages kept per check (the count is always exact).
@@ -35,6 +45,9 @@ class Outcome:
     injected: bool = False
     #: A whole-image prefetch had the driver record that the base is no longer needed.
     self_contained: bool = False
+    #: The name of the snapshot a snapshot operation created or deleted
+    #: (None: a delete found none to delete).
+    snapshot: str | None = None
 
 
 @attrs.define
@@ -69,7 +82,7 @@ class ImageModel:
             below = self.below[sector]
             # Discarded data is undefined: old, zeros, or the backing's again.
             return lambda value: _dedupe((value, _ZERO_SECTOR, below))
-        if op.kind == WRITE:
+        if op.kind in DATA_KINDS:
             assert op.data is not None
             patch = op.data[start - op.offset:end - op.offset]
         else:
@@ -111,7 +124,7 @@ class ImageModel:
             if not outcome.ok and not injected:
                 problems.append(f"{op.describe()}: failed without an injected error: "
                                 f"{outcome.error}")
-            if op.kind in (WRITE, ZERO, DISCARD):
+            if op.kind in WRITE_KINDS:
                 for sector in op.sectors():
                     writers.setdefault(sector, []).append((op, outcome.ok))
         reach = {sector: self._reach(sector, ops_here) for sector, ops_here in writers.items()}

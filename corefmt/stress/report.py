@@ -24,6 +24,13 @@ class StressSummary:
     #: leaving the image self-contained (each checked after the reopen).
     prefetches_completed: int = 0
     self_contained: int = 0
+    #: Compressed writes and snapshot operations (see SeedResult).
+    compressed_writes: int = 0
+    two_phase_writes: int = 0
+    snapshots_created: int = 0
+    snapshots_deleted: int = 0
+    snapshot_ops_failed: int = 0
+    snapshots_verified: int = 0
 
     def add(self, result: SeedResult) -> None:
         self.seeds += 1
@@ -34,6 +41,8 @@ class StressSummary:
         self.check_failures += len(result.check_failures)
         self.prefetches_completed += result.prefetches_completed
         self.self_contained += int(result.self_contained)
+        for field in NEW_KIND_FIELDS:
+            setattr(self, field, getattr(self, field) + getattr(result, field))
         if not result.ok:
             self.failed_seeds.append(result.seed)
 
@@ -49,6 +58,20 @@ class StressSummary:
     def prefetch_line(self) -> str:
         return (f"prefetches completed {self.prefetches_completed}, "
                 f"self-contained {self.self_contained}")
+
+    def new_kinds_line(self) -> str:
+        """Compressed writes and snapshot operations ("" if none ran)."""
+        if not any(getattr(self, field) for field in NEW_KIND_FIELDS):
+            return ""
+        return (f"compressed writes {self.compressed_writes} "
+                f"({self.two_phase_writes} two-phase), snapshots created "
+                f"{self.snapshots_created}, deleted {self.snapshots_deleted}, "
+                f"failed {self.snapshot_ops_failed}, verified {self.snapshots_verified}")
+
+
+#: Counts of compressed writes and snapshot operations, summed over seeds.
+NEW_KIND_FIELDS = ("compressed_writes", "two_phase_writes", "snapshots_created",
+                   "snapshots_deleted", "snapshot_ops_failed", "snapshots_verified")
 
 
 def replay_command(config: StressConfig, seed: int) -> str:
@@ -69,6 +92,10 @@ def replay_command(config: StressConfig, seed: int) -> str:
         words.append("--no-prefetch")
     if not config.delays:
         words.append("--no-delays")
+    if not config.compressed:
+        words.append("--no-compressed")
+    if not config.snapshots:
+        words.append("--no-snapshots")
     if config.real_files:
         words.append("--real-files")  # the workload replays; the OS's interleaving may not
     if config.direct:
@@ -129,4 +156,6 @@ def total(summaries: list[StressSummary]) -> StressSummary:
         combined.failed_seeds.extend(summary.failed_seeds)
         combined.prefetches_completed += summary.prefetches_completed
         combined.self_contained += summary.self_contained
+        for field in NEW_KIND_FIELDS:
+            setattr(combined, field, getattr(combined, field) + getattr(summary, field))
     return combined

@@ -27,6 +27,12 @@ needed (FVD's all_data_in_fvd_img, written and flushed before it returns)
 must hold after every later open, power cut or not: the image then opens
 without its base, shows what the model allows and reports no backing.
 
+On an image that stores data compressed, compressed writes race the rest
+(judged as writes); on one with internal snapshots, lone snapshot creates
+and deletes run between the batches, and after the reopen every snapshot
+listed must be one the run allows, holding what it held when it was taken
+(``corefmt.stress.snapshots``).
+
 The power goes for the whole machine: every disk the seed uses loses its
 unflushed writes at once. Only the image under test and its data files
 are written; lower layers are opened read-only (copy-on-read fills the
@@ -59,7 +65,15 @@ from corefmt.capabilities import CheckFix, call_check
 from corefmt.driver import supports
 from corefmt.errors import CorefmtError, OptionError
 from corefmt.fills import PrefetchTuning
+from corefmt.flags import RequestFlags
 from corefmt.ops.prefetch import Prefetcher
+from corefmt.ops.snapshot import (
+    SnapshotRef,
+    create_snapshot,
+    delete_snapshot,
+    list_snapshots,
+    load_snapshot,
+)
 from corefmt.storage.simulated import SimDisk, SimStorageDriver, request_tag
 from corefmt.stress.defaults import DEFAULT_OPERATIONS, DEFAULT_SIZE
 from corefmt.stress.faults import (
@@ -74,7 +88,9 @@ from corefmt.stress.model import MAX_MESSAGES, ImageModel, Outcome
 from corefmt.stress.qemu_check import applies_to, qemu_check
 from corefmt.stress.report import StressSummary
 from corefmt.stress.scheduler import STALL_SECONDS, BatchScheduler
+from corefmt.stress.snapshots import SnapshotBook, harmless_copied_flags, takes_snapshots
 from corefmt.stress.workload import (
+    COMPRESSED,
     DISCARD,
     FLUSH,
     MAX_BATCH,
@@ -82,6 +98,9 @@ from corefmt.stress.workload import (
     PREFETCH_ALL,
     READ,
     SECTOR_SIZE,
+    SNAPSHOT_CREATE,
+    SNAPSHOT_DELETE,
+    SNAPSHOT_KINDS,
     WRITE,
     ZERO,
     Op,
@@ -93,6 +112,8 @@ ALIGNMENTS = (1, SECTOR_SIZE, 4096)
 BASE_EXTENTS = 8
 BASE_EXTENT_MAX = 64 * 1024
 PROBE_WRITE_MAX = 8192
+#: Kinds a power cut in the flush after them tests (see plan_faults).
+NEW_KINDS = frozenset({COMPRESSED, *SNAPSHOT_KINDS})
 #: Names the scheduler's random stream, apart from the workload's (same seed).
 SCHEDULE_STREAM = "schedule"
 #: The tag of the whole-image read after the workload (never planned to fail).
@@ -129,6 +150,10 @@ class StressConfig:
     real_files: bool = False
     #: With ``real_files``: open the images with O_DIRECT.
     direct: bool = False
+    #: Compressed writes join the workload where the image can store them.
+    compressed: bool = True
+    #: Lone snapshot creates and deletes, where the image has internal snapshots.
+    snapshots: bool = True
 
 
 @attrs.define
@@ -149,10 +174,32 @@ class SeedResult:
     #: A completed prefetch had the driver record that the base is no longer
     #: needed (then checked after the reopen).
     self_contained: bool = False
+    #: Compressed writes that succeeded, and those of them stored in two phases.
+    compressed_writes: int = 0
+    two_phase_writes: int = 0
+    #: Snapshot creates and deletes that succeeded, and those that failed.
+    snapshots_created: int = 0
+    snapshots_deleted: int = 0
+    snapshot_ops_failed: int = 0
+    #: Snapshots read back after the reopen and compared with the model.
+    snapshots_verified: int = 0
 
     @property
     def ok(self) -> bool:
         return not self.mismatch_count and not self.check_failures
+
+
+def _flushes_after(ops: list[Op], kinds: frozenset[str]) -> list[int]:
+    """The tags of the first flush after each op of these kinds (in tag
+    order): it writes back what they left in the caches."""
+    tags: list[int] = []
+    pending = False
+    for op in sorted(ops, key=lambda op: op.tag):
+        pending |= op.kind in kinds
+        if op.kind == FLUSH and pending:
+            tags.append(op.tag)
+            pending = False
+    return tags
 
 
 def _sim_driver() -> SimStorageDriver:
@@ -175,30 +222,62 @@ def _prefetcher(node: BlockNode) -> Prefetcher:
     return Prefetcher(node, PREFETCH_TUNING, throttle=False)
 
 
+def _snapshot_of(node: BlockNode, op: Op) -> str | None:
+    """The name of the snapshot a snapshot op creates, or of the one it
+    deletes: one of those the image lists now, as the op picked (None:
+    there is none). Names are unique in a run."""
+    if op.kind == SNAPSHOT_CREATE:
+        return op.snapshot_name
+    listed = list_snapshots(node)
+    return listed[op.pick % len(listed)].name if listed else None
+
+
+def _write_compressed(node: BlockNode, op: Op) -> None:
+    assert op.data is not None
+    if op.two_phase:  # as convert -c: prepare (compress) now, store after
+        node.prepare_write(op.offset, op.data, RequestFlags.COMPRESSED)()
+    else:
+        node.write(op.offset, op.data, RequestFlags.COMPRESSED)
+
+
+def _perform(node: BlockNode, op: Op, name: str | None) -> tuple[bytes | None, bool]:
+    """Run one request: (what a read returned, whether a prefetch completed
+    and was recorded)."""
+    if op.kind == READ:
+        return node.read(op.offset, op.length), False
+    if op.kind == WRITE:
+        assert op.data is not None
+        node.write(op.offset, op.data)
+    elif op.kind == COMPRESSED:
+        _write_compressed(node, op)
+    elif op.kind == ZERO:
+        node.write_zeroes(op.offset, op.length)
+    elif op.kind == DISCARD:
+        node.discard(op.offset, op.length)
+    elif op.kind == FLUSH:
+        node.flush()
+    elif op.kind == PREFETCH:
+        _prefetcher(node).copy_range(op.offset, op.length)
+    elif op.kind == PREFETCH_ALL:
+        return None, _prefetcher(node).run().self_contained
+    elif op.kind == SNAPSHOT_CREATE:
+        create_snapshot(node, op.snapshot_name)
+    elif op.kind == SNAPSHOT_DELETE and name is not None:
+        delete_snapshot(node, name)
+    return None, False
+
+
 def _outcome(node: BlockNode, op: Op, injected: Callable[[int, bool], bool]) -> Outcome:
-    data: bytes | None = None
-    contained = False
+    name: str | None = None
     try:
+        name = _snapshot_of(node, op) if op.kind in SNAPSHOT_KINDS else None
         with request_tag(op.tag):
-            if op.kind == READ:
-                data = node.read(op.offset, op.length)
-            elif op.kind == WRITE:
-                assert op.data is not None
-                node.write(op.offset, op.data)
-            elif op.kind == ZERO:
-                node.write_zeroes(op.offset, op.length)
-            elif op.kind == DISCARD:
-                node.discard(op.offset, op.length)
-            elif op.kind == FLUSH:
-                node.flush()
-            elif op.kind == PREFETCH:
-                _prefetcher(node).copy_range(op.offset, op.length)
-            elif op.kind == PREFETCH_ALL:
-                contained = _prefetcher(node).run().self_contained
+            data, contained = _perform(node, op, name)
     except Exception as error:  # every failure is judged by the model
-        return Outcome(False, _describe(error), injected=injected(op.tag, True))
+        return Outcome(False, _describe(error), injected=injected(op.tag, True),
+                       snapshot=name)
     return Outcome(True, data=data, injected=injected(op.tag, False),
-                   self_contained=contained)
+                   self_contained=contained, snapshot=name)
 
 
 def _describe(error: BaseException) -> str:
@@ -260,6 +339,11 @@ class _SeedRun:
         #: What each lower layer's disk held when the workload started.
         self.lower_content: dict[str, bytes] = {}
         self.prefetching = config.prefetch and bool(self.base_formats)
+        #: The run's snapshots (None: the image under test takes none).
+        self.book: SnapshotBook | None = None
+        #: A snapshot operation failed or lost power: checks allow the COPIED
+        #: flags it may leave behind (see harmless_copied_flags).
+        self.snapshot_interrupted = False
 
     # -- disks ------------------------------------------------------------------------
     def _disks(self) -> list[SimDisk]:
@@ -309,14 +393,21 @@ class _SeedRun:
         model = ImageModel(initial)
         with self._open(self.top_path, config.format, read_only=True, backing=False) as probe:
             granularity = probe.limits.copy_granularity
+            image = getattr(probe.layer(), "image", None)
+            compressing = config.compressed and supports(image, "write_compressed")
+            if config.snapshots and takes_snapshots(image):
+                self.book = SnapshotBook()
         batches = generate(rng, config.size, config.operations, granularity,
-                           prefetch=self.prefetching)
+                           prefetch=self.prefetching, compressed=compressing,
+                           snapshots=self.book is not None)
         count = sum(len(batch) for batch in batches)
-        prefetch_tag = next((op.tag for batch in batches for op in batch
-                             if op.kind == PREFETCH_ALL), None)
+        ops = [op for batch in batches for op in batch]
+        prefetch_tag = next((op.tag for op in ops if op.kind == PREFETCH_ALL), None)
         plan = plan_faults(rng, self.seed, count, errors=config.errors,
                            crash_disk=self.top_path if config.crash else None,
-                           prefetch_tag=prefetch_tag)
+                           prefetch_tag=prefetch_tag,
+                           snapshot_tags=[op.tag for op in ops if op.kind in SNAPSHOT_KINDS],
+                           flush_tags=_flushes_after(ops, NEW_KINDS))
         self._interrupted_create(contents)
         disks = self._disks()
         plan.machine = disks
@@ -398,6 +489,7 @@ class _SeedRun:
                 self.result.operations += len(batch)
                 self._problem(model.apply_batch(batch, outcomes))
                 self._note_prefetch(node, batch, outcomes)
+                self._note_new_kinds(node, model, batch, outcomes)
                 if any(disk.dead for disk in self._disks()):
                     return
         if self.config.crash:
@@ -424,6 +516,27 @@ class _SeedRun:
             if not outcome.self_contained and supports(image, "mark_self_contained"):
                 self._failure(f"{op.describe()}: the prefetch finished, but the image "
                               "did not record that its base is no longer needed")
+
+    def _note_new_kinds(self, node: BlockNode, model: ImageModel, batch: list[Op],
+                        outcomes: list[Outcome]) -> None:
+        """Count compressed writes and snapshot operations; the book learns
+        what a snapshot operation did (the image's list after it, if alive)."""
+        result = self.result
+        for op, outcome in zip(batch, outcomes, strict=True):
+            if op.kind == COMPRESSED and outcome.ok:
+                result.compressed_writes += 1
+                result.two_phase_writes += int(op.two_phase)
+            if op.kind not in SNAPSHOT_KINDS or self.book is None:
+                continue
+            if outcome.snapshot is not None:
+                result.snapshot_ops_failed += int(not outcome.ok)
+                self.snapshot_interrupted |= not outcome.ok
+                done = outcome.ok and op.kind == SNAPSHOT_CREATE
+                result.snapshots_created += int(done)
+                result.snapshots_deleted += int(outcome.ok and not done)
+            alive = not any(disk.dead for disk in self._disks())
+            listed = [info.name for info in list_snapshots(node)] if alive else None
+            self._problem(self.book.apply(op, outcome, model.current, listed))
 
     def _await(self, futures: list[concurrent.futures.Future[Outcome]],
                scheduler: BatchScheduler | None) -> None:
@@ -597,9 +710,37 @@ class _SeedRun:
             disk = self.sim.disk(self.top_path)
             with disk.lock:
                 image_bytes = bytes(disk.current)
-            problem = qemu_check(self.config.format, image_bytes)
+            problem = qemu_check(self.config.format, image_bytes,
+                                 copied_flags=self.snapshot_interrupted)
             if problem:
                 self._failure(f"{what}: {problem}")
+        self._verify_snapshots(what)
+
+    def _verify_snapshots(self, what: str) -> None:
+        """The snapshots the reopened image lists are those the run allows,
+        each holding what it held when it was taken (where it can be loaded)."""
+        if self.book is None:
+            return
+        try:
+            with self._open(self.top_path, self.config.format, read_only=True) as node:
+                listed = list_snapshots(node)
+                loadable = supports(getattr(node.layer(), "image", None), "snapshot_load")
+            self._problem(self.book.check_listed([info.name for info in listed], what))
+            for info in listed:
+                if loadable and info.name in self.book.records:
+                    self._problem(self.book.check_content(
+                        info.name, self._snapshot_content(info.id), what))
+                    self.result.snapshots_verified += 1
+        except CorefmtError as error:
+            self._problem([f"{what}: reading the snapshots failed: {error}"])
+        except Exception as error:
+            self._failure(f"{what}: reading the snapshots raised {_describe(error)}")
+
+    def _snapshot_content(self, ident: str) -> bytes:
+        """A snapshot's guest content, loaded read-only (as convert -l reads it)."""
+        with self._open(self.top_path, self.config.format, read_only=True) as node:
+            load_snapshot(node, SnapshotRef(id=ident))
+            return node.read(0, self.config.size)
 
     def _verify_without_base(self, model: ImageModel, durable: bool, what: str) -> None:
         """After a recorded prefetch completion the base is not needed: the
@@ -638,6 +779,9 @@ class _SeedRun:
         if image is None or not supports(image, "check"):
             return
         found = call_check(image, CheckFix.NONE)
+        if (self.snapshot_interrupted and not found.check_errors and found.corruptions
+                == harmless_copied_flags(found.messages, image.cluster_size)):
+            return
         if not found.clean:
             self._failure(
                 f"{what}: check found {found.corruptions} corruptions, "
