@@ -238,7 +238,15 @@ class Qcow2Image(BitmapMethods, Image):
         metadata change it covers."""
         if not self.header.incompatible_features & INCOMPAT_DIRTY:
             self.header.incompatible_features |= INCOMPAT_DIRTY
-            self.write_header()
+            try:
+                self.write_header()
+            except BaseException:
+                # Not on disk: the next change must try again, not take the
+                # bit for set (found by corefmt stress -o lazy_refcounts=on,
+                # seed 22: a failed header write left the image clean on
+                # disk under refcounts that were never written).
+                self.header.incompatible_features &= ~INCOMPAT_DIRTY
+                raise
 
     def signal_corruption(self, structure: str, offset: int | None, problem: str) -> ImageError:
         """Impossible metadata: mark the image corrupt (as qemu does) and
@@ -529,13 +537,27 @@ class Qcow2Image(BitmapMethods, Image):
 
     def _write_allocating(self, offset: int, view: memoryview) -> int:
         """Write the start of ``view`` where clusters must be allocated or
-        changed; how many bytes were written. Holds the metadata lock."""
+        changed; how many bytes were written. Holds the metadata lock.
+
+        The kind is looked up again under the lock: another request may
+        have allocated the cluster since (a copy-on-write of a compressed
+        or zero cluster, a subcluster's allocation). Once it is normal,
+        other requests write into it in place without the lock, so it is
+        written in place too: rewriting its other bytes from a read would
+        undo a concurrent write there (found by corefmt stress, seed 188).
+        A rewrite is kept to the run of one kind for the same reason: an
+        allocated subcluster past the run is not rewritten."""
         cs = self.cluster_size
         cluster, inside = divmod(offset, cs)
+        kind, host, run = self.map_run(offset, offset + min(len(view), cs - inside))
+        if kind == NORMAL:
+            self.check_overlap(host, run)
+            self.data.write(host, view[:run])
+            return run
         entry, bitmap = self.entry(cluster)
         if entry == 0 and not bitmap:
             return self._write_new_clusters(offset, view)
-        step = min(cs - inside, len(view))
+        step = run if self.extended else min(cs - inside, len(view))
         self._rewrite_cluster(cluster, inside, view[:step], entry, bitmap)
         return step
 
@@ -834,6 +856,10 @@ class Qcow2Image(BitmapMethods, Image):
         self.storage.flush()
         self.set_l1(l1_index, new | OFLAG_COPIED)
         if table:  # the shared table keeps its other owners' reference
+            # The L1 entry bypasses the L2 cache the refcount cache waits
+            # for: flushed first (qemu's qcow2_write_l1_entry is sync), or
+            # the count-down can land while the L1 still names the table.
+            self.storage.flush()
             self._free_clusters(table, 1)
         return new
 
