@@ -69,6 +69,19 @@ corefmt convert -c -O qcow2 -o compression_type=zstd top.fvd packed.qcow2
 corefmt compare top.fvd packed.qcow2
 corefmt check packed.qcow2
 
+echo "== internal snapshots and a dirty bitmap in the qcow2 overlay"
+corefmt snapshot -c before overlay.qcow2
+corefmt bitmap --add -g 64k overlay.qcow2 backup-1     # enabled: every write marks it
+corefmt io -c 'write -P 0x77 16k 8k' overlay.qcow2 > /dev/null
+corefmt snapshot -l overlay.qcow2
+corefmt info overlay.qcow2 | sed -n '/bitmaps:/,/granularity/p'
+corefmt convert -l before -O qcow2 overlay.qcow2 before.qcow2   # the state at the snapshot
+corefmt io -r -c 'read -P 0xcd 16k 8k' before.qcow2 > /dev/null
+corefmt snapshot -a before overlay.qcow2                        # back to it
+corefmt snapshot -d before overlay.qcow2
+corefmt compare overlay.qcow2 flat.qcow2
+corefmt check overlay.qcow2
+
 echo "== the Python API"
 python3 - <<'PY'
 import corefmt

@@ -16,6 +16,7 @@ from corefmt.cli.bitmap import add_bitmap_parser
 from corefmt.cli.fuzz import add_fuzz_parser
 from corefmt.cli.iocmd import run_commands
 from corefmt.cli.prefetch import add_prefetch_parser
+from corefmt.cli.progress import QemuProgress, add_progress_arguments, progress_for
 from corefmt.cli.snapshot import add_snapshot_parser
 from corefmt.cli.stress import add_stress_parser
 from corefmt.errors import CorefmtError
@@ -170,36 +171,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise UsageError("Expecting image file name")
     options = parse_option_string(",".join(args.options)) if args.options else {}
     sparse = parse_size(args.sparse_size, "sparse size") if args.sparse_size else 4096
-    progress = _ProgressBar() if args.progress and not args.quiet else None
-    try:
+    with progress_for(args, "convert") as progress:
         convert(_image(args, "source", args.format), args.target, source_format=args.format,
                 allow_protocols=_protocols(args), force_share=args.force_share,
                 target_format=args.output_format, options=options, sparse_size=sparse,
                 workers=args.workers, progress=progress, cache=args.cache,
                 compress=args.compress, snapshot=args.snapshot)
-    finally:
-        if progress:
-            progress.close()
     return EXIT_OK
-
-
-class _ProgressBar:
-    """tqdm bar in bytes (qemu-img -p's percentage, with rate and time left)."""
-
-    def __init__(self) -> None:
-        self._bar = None
-
-    def __call__(self, done: int, total: int) -> None:
-        from tqdm import tqdm
-
-        if self._bar is None:
-            self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                             file=sys.stderr, dynamic_ncols=True)
-        self._bar.update(done - self._bar.n)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -318,7 +296,7 @@ def cmd_amend(args: argparse.Namespace) -> int:
 
     if args.options is None:
         raise UsageError("Must specify options (-o)")
-    progress = _AmendProgress() if args.progress and not args.quiet else None
+    progress = QemuProgress() if args.progress and not args.quiet else None
     try:
         text = ",".join(args.options)
         if args.format and amend_op.wants_help(text):
@@ -329,7 +307,8 @@ def cmd_amend(args: argparse.Namespace) -> int:
         help_text = amend_op.amend(_image(argparse.Namespace(filename=args.filenames[0],
                                                              image_opts=args.image_opts),
                                           "filename", args.format),
-                                   args.format, text, cache=args.cache, progress=progress,
+                                   args.format, text, cache=args.cache,
+                                   progress=progress.percent if progress else None,
                                    allow_protocols=_protocols(args))
         if help_text is not None:
             print(help_text)
@@ -337,28 +316,6 @@ def cmd_amend(args: argparse.Namespace) -> int:
     finally:
         if progress is not None:
             progress.end()
-
-
-class _AmendProgress:
-    """qemu-img's simple progress ("    (12.34/100%)\\r" on stdout, a line
-    end when done), printed when it moved by more than a point or is 0 or 100."""
-
-    MIN_SKIP = 1.0
-
-    def __init__(self) -> None:
-        self.last = 0.0
-
-    def __call__(self, percent: float) -> None:
-        current = min(percent, 100.0)
-        if (current > self.last + self.MIN_SKIP or current < self.last - self.MIN_SKIP
-                or current in (0.0, 100.0)):
-            self.last = current
-            sys.stdout.write(f"    ({current:3.2f}/100%)\r")
-            sys.stdout.flush()
-
-    def end(self) -> None:
-        sys.stdout.write("\n")
-        sys.stdout.flush()
 
 
 class _OptionList(argparse.Action):
@@ -428,8 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     converting.add_argument("-o", dest="options", action="append")
     converting.add_argument("-c", dest="compress", action="store_true",
                             help="store data compressed (formats that can: qcow2)")
-    converting.add_argument("-p", dest="progress", action="store_true")
-    converting.add_argument("-q", dest="quiet", action="store_true")
+    add_progress_arguments(converting)
     converting.add_argument("-S", dest="sparse_size",
                             help="zero runs this long are left unallocated (0: off)")
     converting.add_argument("-t", dest="cache", default=DEFAULT_CACHE_MODE,

@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from corefmt.block.chain import open_chain
+from corefmt.cli.progress import QEMU, add_progress_arguments, progress_for
 from corefmt.ops.prefetch import Prefetcher, PrefetchState, PrefetchStatus
 
 EXIT_OK, EXIT_ERROR = 0, 1
@@ -27,8 +28,7 @@ def add_prefetch_parser(verbs: Any) -> None:
                     "record it (FVD) then no longer needs its base.")
     parser.add_argument("-f", dest="format")
     _add_image_opts(parser)
-    parser.add_argument("-p", dest="progress", action="store_true")
-    parser.add_argument("-q", dest="quiet", action="store_true")
+    add_progress_arguments(parser)
     parser.add_argument("--no-throttle", dest="throttle", action="store_false",
                         help="never pause (the base's throughput floor is not watched)")
     parser.add_argument("--output", choices=("human", "json"), default="human")
@@ -37,23 +37,15 @@ def add_prefetch_parser(verbs: Any) -> None:
 
 
 def cmd_prefetch(args: argparse.Namespace) -> int:
-    from corefmt.cli.main import _AmendProgress, _image, _protocols
+    from corefmt.cli.main import _image, _protocols
 
-    # Progress shares stdout with qemu-img's -p line: not with JSON.
-    wants_progress = args.progress and not args.quiet and args.output != "json"
-    progress = _AmendProgress() if wants_progress else None
-    try:
-        with open_chain(_image(args, "filename", args.format), args.format,
-                        allow_protocols=_protocols(args)) as node:
-            had_backing = node.layer().backing is not None
-            prefetcher = Prefetcher(node, throttle=args.throttle,
-                                    progress=(lambda done, total: progress(
-                                        100.0 * done / total if total else 100.0))
-                                    if progress else None)
-            status = prefetcher.run()
-    finally:
-        if progress is not None:
-            progress.end()
+    if args.output == "json" and args.progress == QEMU:
+        args.progress = None  # qemu-img's -p line shares stdout: not with JSON
+    with progress_for(args, "prefetch") as progress, \
+            open_chain(_image(args, "filename", args.format), args.format,
+                       allow_protocols=_protocols(args)) as node:
+        had_backing = node.layer().backing is not None
+        status = Prefetcher(node, throttle=args.throttle, progress=progress).run()
     if args.output == "json":
         print(json.dumps(status.as_dict(), indent=4))
     elif not args.quiet:
