@@ -9,6 +9,7 @@ state."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import re
 import shutil
@@ -32,6 +33,8 @@ SIZE = 4 * MiB
 CLUSTER = 64 * KiB
 OFLAG_COPIED = 1 << 63
 OFFSET_MASK = 0x00FFFFFFFFFFFE00
+#: Where the header's nb_snapshots and snapshots_offset are (rewritten together).
+SNAPSHOT_HEADER_FIELDS = 60
 
 
 def qemu(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -556,6 +559,57 @@ def test_a_power_cut_in_the_copy_of_a_shared_l2_table_keeps_its_count(tmp_path, 
             registry.storage_for(path).forget(path)
             number += 1
         assert number > 5  # the copy, the L1 entry and the count-down were all cut
+
+
+def _fail_first_write_after_header():
+    """A sim: policy: EIO for the first write after the header's snapshot
+    fields are rewritten (a delete's count-down is then done in the caches,
+    its flag fix-up fails: the active L1 keeps entries without COPIED at
+    refcount 1, as qemu leaves them too)."""
+    state = {"header": False, "failed": False}
+
+    def policy(request: SimRequest) -> SimFault | None:
+        if request.kind != "write" or state["failed"]:
+            return None
+        if request.offset == SNAPSHOT_HEADER_FIELDS:
+            state["header"] = True
+            return None
+        if state["header"]:
+            state["failed"] = True
+            return SimFault(error=errno.EIO)
+        return None
+
+    return policy
+
+
+def test_an_l2_table_freed_by_its_copy_is_not_met_again_when_reused(tmp_path):
+    """After a delete failed past the header switch, an L1 entry without
+    COPIED names a table of refcount 1: the next allocating write copies it
+    and frees it. The L2 cache kept the freed table, and when its cluster
+    came back as a new L2 table the stale copy was read and written back
+    (wrong reads, clusters mapped twice): corefmt stress -o
+    cluster_size=512,refcount_bits=64 --seed 188."""
+    path = f"sim:{tmp_path.name}-reused-l2"
+    corefmt.create(path, "qcow2", 8 * MiB, options={"cluster_size": 4096})
+    disk_sim = plugins.registry().storage_for(path).disk(path)
+    with corefmt.open(path, "qcow2") as node:
+        node.write(0, fill(16 * KiB, 1))
+        snapshot_op.create_snapshot(node, "s")
+        disk_sim.policy = _fail_first_write_after_header()
+        with pytest.raises(corefmt.CorefmtError):
+            snapshot_op.delete_snapshot(node, "s")
+        disk_sim.policy = None
+        expected = bytearray(fill(16 * KiB, 1) + bytes(8 * MiB - 16 * KiB))
+        for offset, seed in ((1 * MiB, 2), (4 * MiB, 3), (6 * MiB, 4)):
+            node.write(offset, fill(8 * KiB, seed))  # a copied table, then new ones
+            node.flush()  # lets the freed table's cluster go
+            expected[offset:offset + 8 * KiB] = fill(8 * KiB, seed)
+        assert node.read(0, 8 * MiB) == expected
+    copy = tmp_path / "image.qcow2"
+    copy.write_bytes(bytes(disk_sim.current))
+    check = qemu(QEMU_IMG, "check", copy, check=False)
+    assert check.returncode in (0, 3) and _harmless(check.stderr), check.stderr
+    assert _read(path) == expected
 
 
 def test_a_write_that_waited_for_a_copied_shared_cluster_keeps_a_concurrent_one(tmp_path):

@@ -847,6 +847,10 @@ class Qcow2Image(BitmapMethods, Image):
         else:
             content = bytes(cs)
         new = self.refcounts.allocate(1)
+        # A table freed by an earlier copy (an L1 entry without COPIED at
+        # refcount 1, as an interrupted snapshot operation leaves) may still
+        # be cached: its cluster must not be read or written back as this one.
+        self.l2_cache.forget(new)
         if not self.lazy:
             self.refcounts.cache.flush(storage=True)
         else:
