@@ -24,7 +24,13 @@ from corefmt.ops import info as info_op
 from corefmt.ops import map as map_op
 from corefmt.ops import measure as measure_op
 from corefmt.ops.compare import compare_nodes
-from corefmt.ops.convert import CACHE_MODES, DEFAULT_CACHE_MODE, DEFAULT_WORKERS, convert
+from corefmt.ops.convert import (
+    CACHE_MODES,
+    DEFAULT_CACHE_MODE,
+    DEFAULT_WORKERS,
+    RATE_LIMIT_INVALID,
+    convert,
+)
 from corefmt.ops.create import create, create_option_help
 from corefmt.options import option_help, parse_option_string
 from corefmt.sizes import parse_size
@@ -170,14 +176,41 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if not args.source or not args.target:
         raise UsageError("Expecting image file name")
     options = parse_option_string(",".join(args.options)) if args.options else {}
-    sparse = parse_size(args.sparse_size, "sparse size") if args.sparse_size else 4096
+    if args.copy_offload and args.sparse_size is not None:
+        raise UsageError("Cannot enable copy offloading when -S is used")
+    sparse = parse_size(args.sparse_size, "sparse size") if args.sparse_size else (
+        0 if args.sparse_size is not None else 4096)
+    rate = _rate_limit(args.rate_limit) if args.rate_limit is not None else 0
+
+    def warn(message: str) -> None:
+        if not args.quiet:
+            sys.stderr.write(f"{PROGRAM}: warning: {message}\n")
+
     with progress_for(args, "convert") as progress:
         convert(_image(args, "source", args.format), args.target, source_format=args.format,
                 allow_protocols=_protocols(args), force_share=args.force_share,
                 target_format=args.output_format, options=options, sparse_size=sparse,
                 workers=args.workers, progress=progress, cache=args.cache,
-                compress=args.compress, snapshot=args.snapshot)
+                compress=args.compress, snapshot=args.snapshot, existing=args.existing,
+                target_is_zero=args.target_is_zero, source_cache=args.source_cache,
+                backing=args.backing, backing_format=args.backing_format, rate_limit=rate,
+                copy_offload=args.copy_offload, salvage=args.salvage, warn=warn,
+                bitmaps=args.bitmaps, skip_broken_bitmaps=args.skip_broken_bitmaps,
+                out_of_order=args.out_of_order)
     return EXIT_OK
+
+
+def _rate_limit(text: str) -> int:
+    """-r as qemu-img parses it (a size with suffixes); its two-line refusal."""
+    try:
+        value = parse_size(text, "rate limit")
+    except CorefmtError:
+        value = -1
+    if value < 0:
+        error = UsageError(RATE_LIMIT_INVALID.split("\n")[0])
+        error.reports = RATE_LIMIT_INVALID.split("\n")
+        raise error
+    return value
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -394,6 +427,28 @@ def build_parser() -> argparse.ArgumentParser:
                                  "unsafe never flushes, as qemu-img's default)")
     converting.add_argument("-m", dest="workers", type=_coroutines, default=DEFAULT_WORKERS,
                             help="requests in flight")
+    converting.add_argument("-n", dest="existing", action="store_true",
+                            help="write into an existing target (not created)")
+    converting.add_argument("--target-is-zero", action="store_true",
+                            help="with -n: the target reads as zeros already")
+    converting.add_argument("-W", dest="out_of_order", action="store_true",
+                            help="allow out-of-order writes (default: in guest order, as qemu-img)")
+    converting.add_argument("-T", dest="source_cache", metavar="SRC_CACHE",
+                            help="source cache mode (none/directsync: O_DIRECT)")
+    converting.add_argument("-B", dest="backing", metavar="BACKING_FILE",
+                            help="create the target over this backing; copy only what the "
+                                 "source's top layer holds")
+    converting.add_argument("-F", dest="backing_format", metavar="BACKING_FMT")
+    converting.add_argument("-r", dest="rate_limit", metavar="RATE",
+                            help="write at most RATE bytes per second (k, M, G suffixes)")
+    converting.add_argument("-C", dest="copy_offload", action="store_true",
+                            help="copy offload (copy_file_range) between raw files")
+    converting.add_argument("--salvage", action="store_true",
+                            help="go on over read errors (unreadable sectors read as zeros)")
+    converting.add_argument("--bitmaps", action="store_true",
+                            help="copy the persistent dirty bitmaps too")
+    converting.add_argument("--skip-broken-bitmaps", action="store_true",
+                            help="with --bitmaps: leave out inconsistent bitmaps")
     converting.add_argument("-U", "--force-share", action="store_true")
     converting.add_argument("-l", dest="snapshot", metavar="SNAPSHOT",
                             help="copy an internal snapshot: an id or name, or "
