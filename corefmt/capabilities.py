@@ -14,6 +14,9 @@ qemu-img's fields so ``--output=json`` can print its keys.
   / snapshot_delete(id_or_name)`` (``snapshot -l/-c/-a/-d``).
 - ``Image.bitmap_list() / bitmap_add(name, granularity) / bitmap_remove(name)
   / bitmap_clear(name) / bitmap_enable(name) / bitmap_disable(name)``.
+- ``Image.set_backing(ref: BackingRef | None)`` (``rebase``, ``stream``):
+  raises ``HeaderFull`` when the name does not fit (qemu's -ENOSPC).
+- ``Image.make_empty()`` (``commit``): every cluster unallocated again.
 """
 
 from __future__ import annotations
@@ -111,6 +114,11 @@ class SnapshotError(CorefmtError):
         self.code = code
         self.problem = problem
         super().__init__(problem or os.strerror(code))
+
+
+class HeaderFull(CorefmtError):
+    """``set_backing``: the new name does not fit in the image's header
+    (qemu's -ENOSPC, 'No space left in the file header')."""
 
 
 @attrs.frozen

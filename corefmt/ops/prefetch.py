@@ -181,8 +181,12 @@ class Prefetcher:
                  throttle: bool = True, progress: ProgressFn | None = None,
                  checkpoint_bytes: int = CHECKPOINT_BYTES,
                  rng: random.Random | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 above: BlockNode | None = None):
         self.layer = node.layer()
+        #: Copy only what the layers above this one decide (stream's base):
+        #: the rest stays to be read from it, so the layer is never complete.
+        self.above = above.layer() if above is not None else None
         self.tuning = tuning or fill_policy(self.layer).prefetch
         self.throttle = throttle and self.tuning.throttle_ms > 0
         self.progress = progress
@@ -268,7 +272,9 @@ class Prefetcher:
             status.checkpoints += 1
             remaining = self.unallocated()
             status.done = status.total - remaining
-            if remaining == 0 and self.layer.backing is not None:
+            if self.above is not None:
+                pass  # the base stays needed
+            elif remaining == 0 and self.layer.backing is not None:
                 status.self_contained = self.layer.mark_self_contained()
             elif self.layer.backing is None:
                 status.self_contained = True  # no base, or done before
@@ -352,8 +358,24 @@ class Prefetcher:
             stop = min(position + window, end)
             for own in self.layer.own_status(position, stop - position):
                 if not own.allocated:
-                    yield own.offset, own.offset + own.length
+                    yield from self._above_base(own.offset, own.offset + own.length)
             position = stop
+
+    def _above_base(self, start: int, end: int) -> Iterator[tuple[int, int]]:
+        """The parts of a hole that a layer above ``above`` decides (all of
+        it without ``above``; past the backing's end: zeros it must store)."""
+        below = self.layer.backing
+        if self.above is None or below is None:
+            yield start, end
+            return
+        inside = min(end, below.virtual_size)
+        if start < inside:
+            for run_start, run, allocated in below.is_allocated_above(self.above, start,
+                                                                      inside - start):
+                if allocated:
+                    yield run_start, run_start + run
+        if end > max(start, inside):
+            yield max(start, inside), end
 
     def _pieces(self, start: int, end: int) -> Iterator[tuple[int, int]]:
         """Unit-aligned pieces of at most ``step`` bytes covering every hole."""

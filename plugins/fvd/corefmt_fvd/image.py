@@ -686,6 +686,18 @@ class FvdImage(Image):
         with self.lock:
             amend_image(self, options, size=size, backing=backing)
 
+    def set_backing(self, reference: BackingRef | None) -> None:
+        """rebase/stream: ``base_img``/``base_img_fmt`` rewritten as amend does
+        (no backing only once all_data_in_fvd_img is set: the core marks the
+        image self-contained first)."""
+        from corefmt_fvd.amend import amend_image
+
+        path = reference.path if reference is not None else ""
+        fmt = (reference.format or "") if reference is not None else ""
+        with self.lock:
+            amend_image(self, None, backing=(path, fmt))
+            self.backing = reference if self.header.has_bitmap else None
+
     def write_header(self) -> None:
         """The 4336-byte header in place (amend), flushed."""
         self.context.emit(events.HEADER_UPDATE)
