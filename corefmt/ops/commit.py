@@ -144,11 +144,11 @@ def commit_node(node: BlockNode, base_name: str | None = None, *, drop: bool = F
     try:
         result.committed = copy_above(top, base, rate_limit=rate_limit, progress=progress)
         base.flush()  # BASE holds the data before the top lets go of it
+        if not drop:
+            result.emptied = empty_top(top)
+            result.not_emptiable = not result.emptied
     finally:
         base.reopen(read_only=True)
-    if not drop:
-        result.emptied = empty_top(top)
-        result.not_emptiable = not result.emptied
     if progress is not None:
         progress(top.virtual_size, top.virtual_size)
     return result
