@@ -1,0 +1,226 @@
+"""One NBD export: what a node offers and how each NBD command maps onto the
+block layer (flags, discard and detect-zeroes policies, error codes).
+
+Kept apart from the wire handling so the policies (qemu-nbd's) are in one
+place and the server only moves bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterator
+
+import attrs
+
+from corefmt.block.node import BlockNode
+from corefmt.errors import (
+    CorefmtError,
+    InvalidRequest,
+    NotSupported,
+    RangeError,
+    ReadOnlyError,
+    StorageError,
+)
+from corefmt.flags import RequestFlags
+from corefmt.nbd.protocol import (
+    BASE_ALLOCATION,
+    NBD_STATE_HOLE,
+    NBD_STATE_ZERO,
+    QEMU_ALLOCATION_DEPTH,
+    Error,
+)
+from corefmt.nbd.protocol import TransmissionFlags as TF
+
+DISCARD_IGNORE, DISCARD_UNMAP = "ignore", "unmap"
+DISCARD_MODES = (DISCARD_IGNORE, DISCARD_UNMAP)
+DETECT_OFF, DETECT_ON, DETECT_UNMAP = "off", "on", "unmap"
+DETECT_ZEROES_MODES = (DETECT_OFF, DETECT_ON, DETECT_UNMAP)
+
+#: Largest READ/WRITE payload (qemu-nbd's NBD_MAX_BUFFER_SIZE): bounds memory.
+MAX_PAYLOAD = 32 * 1024 * 1024
+PREFERRED_BLOCK_SIZE = 4096
+#: Minimum block size advertised when the image's alignment is above one byte.
+SECTOR = 512
+#: NBD_CMD_CACHE reads through the image in pieces this large.
+CACHE_CHUNK = 4 * 1024 * 1024
+#: A BLOCK_STATUS reply stops after this many descriptors (the client asks again).
+MAX_DESCRIPTORS = 65536
+#: Largest 32-bit descriptor length, kept block-aligned.
+MAX_DESCRIPTOR_LENGTH = 0xFFFFFFFF & ~(SECTOR - 1)
+
+#: Metadata contexts this server offers, with the ids it gives them.
+CONTEXT_IDS = {BASE_ALLOCATION: 1, QEMU_ALLOCATION_DEPTH: 2}
+
+
+class NbdRequestError(Exception):
+    """A request refused with an NBD error code (the connection goes on)."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def error_code(error: BaseException) -> int:
+    """The NBD error for an exception from the block layer."""
+    if isinstance(error, NbdRequestError):
+        return error.code
+    if isinstance(error, ReadOnlyError):
+        return Error.NBD_EPERM
+    if isinstance(error, (RangeError, InvalidRequest)):
+        return Error.NBD_EINVAL
+    if isinstance(error, NotSupported):
+        return Error.NBD_ENOTSUP
+    number = getattr(error, "errno", None)
+    if isinstance(error, (StorageError, OSError)) and number in (errno.ENOSPC, errno.EDQUOT):
+        return Error.NBD_ENOSPC
+    if isinstance(error, MemoryError):
+        return Error.NBD_ENOMEM
+    return Error.NBD_EIO
+
+
+@attrs.define
+class Export:
+    """A node served under a name, with qemu-nbd's policies."""
+
+    node: BlockNode
+    name: str = ""
+    description: str = ""
+    read_only: bool = False
+    discard: str = DISCARD_IGNORE
+    detect_zeroes: str = DETECT_OFF
+    #: -e: how many clients may be connected at once (>1 advertises multi-conn).
+    shared: int = 1
+
+    def __attrs_post_init__(self) -> None:
+        if self.discard not in DISCARD_MODES:
+            raise CorefmtError(f"Invalid discard mode '{self.discard}'")
+        if self.detect_zeroes not in DETECT_ZEROES_MODES:
+            raise CorefmtError(f"Invalid detect-zeroes mode '{self.detect_zeroes}'")
+        if self.detect_zeroes == DETECT_UNMAP and self.discard != DISCARD_UNMAP:
+            raise CorefmtError("--detect-zeroes=unmap can only be used if --discard=unmap")
+        self.read_only = self.read_only or self.node.read_only
+
+    @property
+    def size(self) -> int:
+        return self.node.virtual_size
+
+    def transmission_flags(self, structured: bool) -> int:
+        flags = TF.NBD_FLAG_HAS_FLAGS | TF.NBD_FLAG_SEND_FLUSH | TF.NBD_FLAG_SEND_FUA
+        flags |= TF.NBD_FLAG_SEND_CACHE
+        if self.read_only:
+            flags |= TF.NBD_FLAG_READ_ONLY
+        else:
+            flags |= (TF.NBD_FLAG_SEND_TRIM | TF.NBD_FLAG_SEND_WRITE_ZEROES
+                      | TF.NBD_FLAG_SEND_FAST_ZERO)
+        if structured:  # DF only means something with structured replies
+            flags |= TF.NBD_FLAG_SEND_DF
+        if self.shared > 1:  # every connection shares one node: flushes are consistent
+            flags |= TF.NBD_FLAG_CAN_MULTI_CONN
+        return int(flags)
+
+    def block_sizes(self, client_asked: bool) -> tuple[int, int, int]:
+        """(minimum, preferred, maximum). A client that did not ask for block
+        sizes may send any alignment: the block layer aligns for it, so 1."""
+        minimum = 1 if not client_asked or self.node.request_alignment == 1 else SECTOR
+        return minimum, PREFERRED_BLOCK_SIZE, MAX_PAYLOAD
+
+    # -- commands ---------------------------------------------------------------
+    def check_range(self, offset: int, length: int) -> None:
+        if offset + length > self.size:
+            raise NbdRequestError(Error.NBD_EINVAL,
+                                  f"request {offset}+{length} is beyond the export's "
+                                  f"end ({self.size})")
+
+    def check_writable(self) -> None:
+        if self.read_only:
+            raise NbdRequestError(Error.NBD_EPERM, "the export is read-only")
+
+    def read_pieces(self, offset: int, length: int, holes: bool
+                    ) -> Iterator[tuple[int, int, memoryview | None]]:
+        """The range as (offset, length, data) pieces; data None where the chain
+        reads as zeros (only with ``holes``: structured replies can say so)."""
+        if not holes:
+            buf = bytearray(length)
+            self.node.readinto(offset, buf)
+            yield offset, length, memoryview(buf)
+            return
+        runs: list[tuple[int, int, bool]] = []
+        for extent in self.node.block_status(offset, length):
+            start = max(extent.offset, offset)
+            end = min(extent.end, offset + length)
+            if end <= start:
+                continue
+            zero = extent.zero or extent.node is None
+            if runs and runs[-1][2] == zero and runs[-1][0] + runs[-1][1] == start:
+                runs[-1] = (runs[-1][0], end - runs[-1][0], zero)
+            else:
+                runs.append((start, end - start, zero))
+        for start, run_length, zero in runs:
+            if zero:
+                yield start, run_length, None
+            else:
+                buf = bytearray(run_length)
+                self.node.readinto(start, buf)
+                yield start, run_length, memoryview(buf)
+
+    def write(self, offset: int, data: memoryview, fua: bool) -> None:
+        self.check_writable()
+        flags = RequestFlags.FUA if fua else RequestFlags.NONE
+        if self.detect_zeroes != DETECT_OFF and not any(data):
+            self.node.write_zeroes(offset, len(data), unmap=self.detect_zeroes == DETECT_UNMAP,
+                                   flags=flags)
+            return
+        self.node.write(offset, data, flags)
+
+    def write_zeroes(self, offset: int, length: int, *, fua: bool, no_hole: bool,
+                     fast: bool) -> None:
+        self.check_writable()
+        flags = RequestFlags.FUA if fua else RequestFlags.NONE
+        if fast:
+            flags |= RequestFlags.NO_FALLBACK
+        unmap = not no_hole and self.discard == DISCARD_UNMAP
+        self.node.write_zeroes(offset, length, unmap=unmap, flags=flags)
+
+    def trim(self, offset: int, length: int, fua: bool) -> None:
+        self.check_writable()
+        if self.discard == DISCARD_UNMAP:
+            self.node.discard(offset, length)
+            if fua:
+                self.node.flush()
+
+    def flush(self) -> None:
+        self.node.flush()
+
+    def cache(self, offset: int, length: int) -> None:
+        """Read the range through the image (so copy-on-read fills it)."""
+        buf = bytearray(min(length, CACHE_CHUNK))
+        position, end = offset, offset + length
+        while position < end:
+            step = min(len(buf), end - position)
+            self.node.readinto(position, memoryview(buf)[:step])
+            position += step
+
+    def status(self, context: str, offset: int, length: int, one: bool
+               ) -> list[tuple[int, int]]:
+        """(length, flags) descriptors of one metadata context for the range."""
+        descriptors: list[tuple[int, int]] = []
+        for extent in self.node.block_status(offset, length):
+            start, end = max(extent.offset, offset), min(extent.end, offset + length)
+            if end <= start:
+                continue
+            if context == BASE_ALLOCATION:
+                value = ((0 if extent.data and extent.node is not None else NBD_STATE_HOLE)
+                         | (NBD_STATE_ZERO if extent.zero or extent.node is None else 0))
+            else:  # qemu:allocation-depth: 0 unallocated, 1 the top layer, ...
+                value = 0 if extent.node is None else extent.depth + 1
+            if descriptors and descriptors[-1][1] == value:
+                start -= descriptors.pop()[0]
+            while end - start > MAX_DESCRIPTOR_LENGTH:
+                descriptors.append((MAX_DESCRIPTOR_LENGTH, value))
+                start += MAX_DESCRIPTOR_LENGTH
+            descriptors.append((end - start, value))
+            if len(descriptors) >= MAX_DESCRIPTORS:
+                break
+        if one:
+            return descriptors[:1]
+        return descriptors[:MAX_DESCRIPTORS]
