@@ -190,9 +190,12 @@ def test_read_only_export_refuses_writes_with_eperm(raw_image):
     assert raw_image.read_bytes()[:512] == b"\xaa" * 512
 
 
-def test_out_of_range_and_oversize_requests(raw_image):
+def test_out_of_range_and_oversize_requests(raw_image, monkeypatch):
     with served(raw_image) as server, Client(address(server)) as client:
         client.go()
+        calls = []  # refused before the block layer sees them
+        spy(monkeypatch, server.export.node, "write", calls)
+        spy(monkeypatch, server.export.node, "block_status", calls)
         client.request(Command.NBD_CMD_READ, IMAGE_SIZE - 512, 1024)
         assert client.any_reply()[1] == Error.NBD_EINVAL
         client.request(Command.NBD_CMD_WRITE, IMAGE_SIZE, 1, 0, b"x")
@@ -203,6 +206,7 @@ def test_out_of_range_and_oversize_requests(raw_image):
         assert client.any_reply()[1] == Error.NBD_EINVAL
         client.request(42)
         assert client.any_reply()[1] == Error.NBD_EINVAL
+        assert calls == []
         assert client.read(0, 4)[0] == b"\xaa" * 4  # still serving
 
 
