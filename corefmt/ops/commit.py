@@ -21,8 +21,11 @@ them so too); the top still does, as it keeps its data.
 
 from __future__ import annotations
 
+import collections
+import queue
 import time
 from collections.abc import Callable, Collection, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import attrs
@@ -40,6 +43,8 @@ ProgressFn = Callable[[int, int], None]
 
 #: Bytes copied per request.
 COPY_CHUNK = 8 * 1024 * 1024
+#: Copies in flight, and the threads running them (reads and writes overlap).
+IN_FLIGHT, WORKERS = 4, 2
 #: Block status is asked for in windows this long.
 STATUS_WINDOW = 1024 * 1024 * 1024
 NO_BACKING = "Image does not have a backing file"
@@ -100,24 +105,48 @@ def copy_above(top: BlockNode, base: BlockNode, *, rate_limit: int = 0,
         base.truncate(size)
     rate = _Rate(rate_limit) if rate_limit > 0 else None
     written = 0
-    for window in range(0, size, STATUS_WINDOW):
-        window_end = min(window + STATUS_WINDOW, size)
-        for extent in top.block_status_above(base, window, window_end - window):
-            end = extent.offset + extent.length
-            if extent.zero:
-                base.write_zeroes(extent.offset, extent.length, unmap=True)
-                written += extent.length
-            elif extent.node is not None:
-                for start in range(extent.offset, end, COPY_CHUNK):
-                    length = min(COPY_CHUNK, end - start)
-                    base.write(start, top.read(start, length))
-                    written += length
-                    if rate is not None:
-                        rate.account(length)
-                    if progress is not None:
-                        progress(start + length, size)
-            if progress is not None:
-                progress(end, size)
+    buffers: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+    for _ in range(IN_FLIGHT + WORKERS):
+        buffers.put(bytearray(COPY_CHUNK))
+
+    def copy(start: int, length: int) -> int:
+        # pread and pwrite release the GIL: workers overlap reads and writes.
+        buffer = buffers.get()
+        try:
+            view = memoryview(buffer)[:length]
+            top.readinto(start, view)
+            base.write(start, view)
+        finally:
+            buffers.put(buffer)
+        return start + length
+
+    with ThreadPoolExecutor(WORKERS, thread_name_prefix="corefmt-commit") as pool:
+        pending: collections.deque[Future[int]] = collections.deque()
+
+        def settle(limit: int) -> None:
+            while len(pending) > limit:
+                done = pending.popleft().result()
+                if progress is not None:
+                    progress(done, size)
+
+        for window in range(0, size, STATUS_WINDOW):
+            window_end = min(window + STATUS_WINDOW, size)
+            for extent in top.block_status_above(base, window, window_end - window):
+                end = extent.offset + extent.length
+                if extent.zero:
+                    base.write_zeroes(extent.offset, extent.length, unmap=True)
+                    written += extent.length
+                elif extent.node is not None:
+                    for start in range(extent.offset, end, COPY_CHUNK):
+                        length = min(COPY_CHUNK, end - start)
+                        pending.append(pool.submit(copy, start, length))
+                        written += length
+                        if rate is not None:
+                            rate.account(length)
+                        settle(IN_FLIGHT)
+        settle(0)
+    if progress is not None:
+        progress(size, size)
     return written
 
 

@@ -270,6 +270,12 @@ class Refcounts:
     def _find_free(self, count: int) -> int:
         """The first run of ``count`` free clusters from ``free_index``
         (everything past the high water mark is free)."""
+        # Clusters in use for good at the start are skipped once, not on
+        # every multi-cluster allocation (a rebase's writes rescanned the
+        # whole image each time). One at refcount 0 stops it: quarantined
+        # or reserved, it is free later.
+        while self.free_index < self.high_water and self.get(self.free_index) != 0:
+            self.free_index += 1
         cluster, run = self.free_index, 0
         while run < count and cluster + run < self.high_water:
             if self._is_free(cluster + run):
