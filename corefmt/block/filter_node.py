@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from corefmt.block.node import ROLE_FILTERED, BlockNode
+from corefmt.block.node import PREALLOCATION_OFF, ROLE_FILTERED, BlockNode
+from corefmt.errors import NotSupported
 from corefmt.extents import ChainExtent
 from corefmt.flags import RequestFlags
 from corefmt.limits import Limits
@@ -120,8 +121,10 @@ class FilterNode(BlockNode):
         if not self.read_only:
             self._filter.flush()
 
-    def truncate(self, size: int) -> None:
+    def truncate(self, size: int, preallocation: str = PREALLOCATION_OFF) -> None:
         self._check_writable()
+        if preallocation != PREALLOCATION_OFF:  # filters pass plain resizes only
+            raise NotSupported(f"Unsupported preallocation mode: {preallocation}")
         self._filter.truncate(size)
 
     def info(self) -> dict[str, Any]:

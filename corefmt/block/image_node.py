@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from corefmt.block.align import align_down, align_up, aligned_range, write_unaligned
-from corefmt.block.node import ROLE_FILE, BlockNode
+from corefmt.block.node import PREALLOCATION_OFF, ROLE_FILE, BlockNode
 from corefmt.block.status_cache import ChainStatusCache
 from corefmt.driver import FormatDriver, Image, ImageContext, accepts_keyword, supports
 from corefmt.errors import CorefmtError, ImageError, NotSupported, RangeError
@@ -658,15 +658,21 @@ class ImageNode(BlockNode):
         self._image.flush()
         self._flushed_generation = generation
 
-    def truncate(self, size: int) -> None:
+    def truncate(self, size: int, preallocation: str = PREALLOCATION_OFF) -> None:
         self._check_writable()
         if size < 0:
             raise RangeError(f"{self.filename}: size must not be negative")
         if not supports(self._image, "truncate"):
             raise CorefmtError(f"{self.filename}: format {self.format_name} cannot be resized")
+        takes_mode = accepts_keyword(self._image.truncate, "preallocation")
+        if preallocation != PREALLOCATION_OFF and not takes_mode:
+            raise NotSupported(f"Unsupported preallocation mode: {preallocation}")
         try:
             with self._tracker.track(0, max(size, self.virtual_size) + 1, exclusive=True):
-                self._image.truncate(size)
+                if takes_mode:
+                    self._image.truncate(size, preallocation=preallocation)
+                else:
+                    self._image.truncate(size)
         finally:
             self._changed()
 

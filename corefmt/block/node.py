@@ -37,6 +37,9 @@ ROLE_FILE = "file"
 ROLE_BACKING = "backing"
 ROLE_DATA_FILE = "data_file"
 ROLE_FILTERED = "filtered"
+#: truncate's default: the grown part is neither reserved nor written (qemu's
+#: PREALLOC_MODE_OFF); "metadata", "falloc" and "full" where a format has them.
+PREALLOCATION_OFF = "off"
 
 
 class BlockNode(abc.ABC):
@@ -198,8 +201,8 @@ class BlockNode(abc.ABC):
         ...
 
     @abc.abstractmethod
-    def truncate(self, size: int) -> None:
-        ...
+    def truncate(self, size: int, preallocation: str = PREALLOCATION_OFF) -> None:
+        """Set the virtual size; ``preallocation`` as qemu's for the grown part."""
 
     def read(self, offset: int, length: int) -> bytes:
         buf = bytearray(length)

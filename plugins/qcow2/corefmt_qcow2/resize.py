@@ -1,23 +1,30 @@
-"""Changing a qcow2 image's virtual size (qemu's qcow2_co_truncate without
-preallocation): growing makes the L1 table big enough; shrinking drops the
-clusters past the new end first, so nothing points outside the disk."""
+"""Changing a qcow2 image's virtual size (qemu's qcow2_co_truncate; the
+grown part is preallocated by preallocate.py): growing makes the L1 table
+big enough; shrinking drops the clusters past the new end first, so nothing
+points outside the disk."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from corefmt import OptionError
+from corefmt import NotSupported, OptionError
 from corefmt_qcow2.layout import VERSION_3, div_round_up
+from corefmt_qcow2.options import PREALLOCATION_MODES
 
 if TYPE_CHECKING:
     from corefmt_qcow2.image import Qcow2Image
 
 
-def resize(image: Qcow2Image, size: int) -> None:
-    """Set the virtual size (the caller holds the image's metadata lock)."""
+def resize(image: Qcow2Image, size: int, preallocation: str = "off") -> None:
+    """Set the virtual size (the caller holds the image's metadata lock; the
+    caller preallocates the grown part afterwards)."""
     header = image.header
     if size % 512:
         raise OptionError("The new size must be a multiple of 512")
+    if preallocation not in PREALLOCATION_MODES:
+        raise NotSupported(f"Unsupported preallocation mode: {preallocation}")
+    if preallocation != "off" and size < header.size:
+        raise OptionError("Preallocation can't be used for shrinking an image")
     if header.nb_snapshots and header.version < VERSION_3:
         raise OptionError("Can't resize a v2 image which has snapshots")
     image.bitmaps.check_resize()  # qemu: consistent bitmaps follow the size, others refuse

@@ -12,7 +12,7 @@ from corefmt import known_formats, plugins
 from corefmt.block.align import align_up
 from corefmt.capabilities import MeasureResult
 from corefmt.driver import PROBE_FALLBACK, BackingRef, FormatDriver, Image, ImageContext
-from corefmt.errors import OptionError
+from corefmt.errors import NotSupported, OptionError
 from corefmt.extents import Extent
 from corefmt.options import choice, option, to_bool, to_size
 from corefmt.registry import PROBE_HEAD_SIZE
@@ -21,6 +21,10 @@ from corefmt.storage.base import Storage
 PREALLOCATION_MODES = ("off", "falloc", "full")
 #: A raw image's size is whole sectors: a file's tail is rounded up (as qemu does).
 SECTOR_SIZE = 512
+#: qemu's file driver writes a new or emptied-and-grown file's first block
+#: (allocate_first_block), so its alignment can be probed later: 4 KiB, or one
+#: sector of a file smaller than that.
+FIRST_BLOCK_SIZE = 4096
 #: qemu's default extent size hint for new files, and the largest it takes.
 DEFAULT_EXTENT_SIZE_HINT = 1024 * 1024
 MAX_EXTENT_SIZE_HINT = 2**32 - 1
@@ -166,13 +170,40 @@ class RawImage(Image):
             return False  # a window of a file cannot be resized
         return super().supports(capability)
 
-    def truncate(self, size: int) -> None:
+    def truncate(self, size: int, preallocation: str = "off") -> None:
+        """Resize the file as qemu's file driver does (handle_aiocb_truncate):
+        falloc/full reserve or write the grown part, off allocates the first
+        block of a file that was empty."""
+        if preallocation not in PREALLOCATION_MODES:
+            raise NotSupported(f"Unsupported preallocation mode: {preallocation}")
+        old = self.storage.size()
         if not self.guarded:
             self.storage.truncate(size)
-            return
-        with self._guard_lock:  # cutting or growing the window changes what probes see
-            self._check_head("truncate", size, 0, None, new_size=size)
-            self.storage.truncate(size)
+        else:
+            with self._guard_lock:  # cutting or growing the window changes what probes see
+                self._check_head("truncate", size, 0, None, new_size=size)
+                self.storage.truncate(size)
+        if size > old:
+            preallocate(self.storage, old, size, preallocation)
+
+
+def preallocate(storage: Storage, old: int, size: int, mode: str) -> None:
+    """The grown part [old, size) of a raw file as ``mode`` asks."""
+    if mode == "falloc":
+        if not storage.preallocate(old, size - old):
+            raise OptionError(f"{storage.path}: preallocation=falloc is not supported by "
+                              "this file system")
+    elif mode == "full":
+        storage.write_zero_bytes(old, size - old)
+    elif old == 0:
+        allocate_first_block(storage, size)
+
+
+def allocate_first_block(storage: Storage, size: int) -> None:
+    """qemu's allocate_first_block: zeros written over the file's first block."""
+    if size:
+        storage.write_zero_bytes(0, min(size, FIRST_BLOCK_SIZE if size >= FIRST_BLOCK_SIZE
+                                        else SECTOR_SIZE))
 
 
 class RawDriver(FormatDriver):
@@ -191,13 +222,7 @@ class RawDriver(FormatDriver):
         storage.set_creation_hints(nocow=options.nocow,
                                    extent_size_hint=options.extent_size_hint)
         storage.truncate(size)
-        if options.preallocation == "falloc":
-            if not storage.preallocate(0, size):
-                raise OptionError(
-                    f"{storage.path}: preallocation=falloc is not supported by this file system"
-                )
-        elif options.preallocation == "full":
-            storage.write_zero_bytes(0, size)
+        preallocate(storage, 0, size, options.preallocation)
 
     def open(self, storage: Storage, context: ImageContext) -> RawImage:
         return RawImage(storage, context)
