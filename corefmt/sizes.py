@@ -22,6 +22,8 @@ MAX_SIZE = 2**63 - 1
 _IMG_PREFIXES = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]?)\s*$")
+#: qemu_strtosz also takes hex (no fraction): "0x10", "0x1k".
+_HEX_SIZE_RE = re.compile(r"^\s*0[xX]([0-9a-fA-F]+)\s*([a-zA-Z]?)\s*$")
 
 
 def parse_size(text: str | int, what: str = "size") -> int:
@@ -30,7 +32,7 @@ def parse_size(text: str | int, what: str = "size") -> int:
         if text < 0:
             raise OptionError(f"Invalid {what} '{text}': must not be negative")
         return text
-    match = _SIZE_RE.match(text)
+    match = _SIZE_RE.match(text) or _HEX_SIZE_RE.match(text)
     if not match:
         if text.strip().startswith("-"):
             raise OptionError(f"Invalid {what} '{text}': must not be negative")
@@ -42,7 +44,9 @@ def parse_size(text: str | int, what: str = "size") -> int:
     multiplier = SUFFIX_MULTIPLIERS.get(suffix.lower())
     if multiplier is None:
         raise OptionError(f"Invalid {what} '{text}': unknown suffix '{suffix}'")
-    if "." in number:
+    if match.re is _HEX_SIZE_RE:
+        result = int(number, 16) * multiplier
+    elif "." in number:
         value = float(number) * multiplier
         if value != int(value):
             raise OptionError(f"Invalid {what} '{text}': not a whole number of bytes")

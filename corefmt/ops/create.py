@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from corefmt import plugins
+from corefmt.block.align import align_up
 from corefmt.block.chain import open_chain
 from corefmt.block.node import BlockNode
 from corefmt.driver import BackingRef, CreateContext, FormatDriver, accepts_keyword
@@ -18,6 +19,9 @@ from corefmt.sizes import parse_size
 from corefmt.storage import locking
 from corefmt.storage.base import Storage
 
+#: New images are whole sectors: a size is rounded up to this, as qemu's
+#: drivers round it (the Formatting line still shows the size given).
+SECTOR_SIZE = 512
 #: Options every format accepts in ``-o`` (as qemu-img does).
 GENERIC_SIZE_KEY = "size"
 GENERIC_BACKING_KEYS = ("backing_file", "backing_fmt")
@@ -63,7 +67,7 @@ def create(path: str, format: str = "raw", size: int | str | None = None, *,
             size = base.virtual_size
         if size is None:
             raise OptionError("Image creation needs a size parameter")
-        byte_size = parse_size(size, "image size")
+        byte_size = align_up(parse_size(size, "image size"), SECTOR_SIZE)
         _create_image(driver, path, byte_size, parsed, reference, base, registry, flush)
     finally:
         if base is not None:
