@@ -14,6 +14,9 @@ The Python API::
 
 from __future__ import annotations
 
+#: The release (pyproject.toml reads it from here; ``corefmt --version`` prints it).
+__version__ = "0.1.0"
+
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -65,7 +68,9 @@ from corefmt.storage import Storage, StorageDriver
 if TYPE_CHECKING:
     from corefmt.cache import MetadataCache, TableHandle
     from corefmt.fills import FillPolicy, PrefetchTuning
+    from corefmt.ops.commit import CommitResult
     from corefmt.ops.prefetch import PrefetchStatus
+    from corefmt.ops.stream import StreamResult
 
 #: Names imported on first use: the CLI does not need them to start.
 _LAZY = {"MetadataCache": "corefmt.cache", "TableHandle": "corefmt.cache",
@@ -116,8 +121,10 @@ __all__ = [
     "StorageFilterDriver",
     "TableHandle",
     "UnknownFormatError",
+    "bench",
     "bitmap",
     "choice",
+    "commit",
     "compare",
     "convert",
     "create",
@@ -125,10 +132,13 @@ __all__ = [
     "open",
     "option",
     "prefetch",
+    "rebase",
+    "resize",
     "snapshot_apply",
     "snapshot_create",
     "snapshot_delete",
     "snapshot_list",
+    "stream",
     "sync",
     "to_bool",
     "to_size",
@@ -187,6 +197,65 @@ def prefetch(image: str | Mapping[str, Any], format: str | None = None, *,
         return prefetch_node(node, throttle=throttle, progress=progress)
 
 
+def rebase(image: str | Mapping[str, Any], backing: str | None,
+           backing_format: str | None = None, format: str | None = None, *,
+           unsafe: bool = False, progress: Callable[[int, int], None] | None = None,
+           compress: bool = False) -> int:
+    """Change the image's backing file (qemu-img rebase). Safe by default:
+    what the old and new chains show differently is copied into the image
+    first (returns the bytes copied); ``unsafe`` only rewrites the
+    reference; ``backing`` None or "" leaves the image without one."""
+    from corefmt.ops.rebase import rebase as rebase_image
+
+    return rebase_image(image, backing, backing_format, format=format, unsafe=unsafe,
+                        progress=progress, compress=compress)
+
+
+def commit(image: str | Mapping[str, Any], format: str | None = None, *,
+           base: str | None = None, drop: bool = False, rate_limit: int = 0,
+           progress: Callable[[int, int], None] | None = None) -> CommitResult:
+    """Write the image's data into its backing file, or into ``base`` deeper
+    in the chain (qemu-img commit), then empty the image unless ``drop``
+    (``base`` implies ``drop``; a format that cannot be emptied keeps its
+    data: ``result.not_emptiable``)."""
+    from corefmt.ops.commit import commit as commit_image
+
+    return commit_image(image, format, base=base, drop=drop, rate_limit=rate_limit,
+                        progress=progress)
+
+
+def stream(image: str | Mapping[str, Any], format: str | None = None, *,
+           base: str | None = None,
+           progress: Callable[[int, int], None] | None = None) -> StreamResult:
+    """Copy what the image reads from its chain above ``base`` into it, then
+    make ``base`` its backing file (None: none; QEMU's block-stream).
+    Resumable: an interrupted run loses no guest data, a rerun goes on."""
+    from corefmt.ops.stream import stream as stream_image
+
+    return stream_image(image, format, base=base, progress=progress)
+
+
+def bench(image: str | Mapping[str, Any], format: str | None = None, *,
+          count: int = 75000, depth: int = 64, offset: int = 0, buffer_size: int = 4096,
+          step: int = 0, write: bool = False, pattern: int = 0, flush_interval: int = 0,
+          drain: bool = True, cache: str = "writeback", force_share: bool = False) -> Any:
+    """qemu-img bench's requests through corefmt's stack (``corefmt bench``):
+    ``count`` requests of ``buffer_size`` bytes, ``depth`` in flight, from
+    ``offset`` every ``step`` bytes (0: the buffer size), wrapping at the
+    image size; writes of the ``pattern`` byte with a flush every
+    ``flush_interval`` requests. Returns a BenchResult (elapsed seconds of
+    the request loop, requests, flushes, bytes)."""
+    from corefmt.ops.bench import open_for_bench, run_bench
+
+    node, mode = open_for_bench(image, format, write=write, cache=cache,
+                                force_share=force_share)
+    with node:
+        return run_bench(node, count=count, depth=depth, offset=offset,
+                         buffer_size=buffer_size, step=step, write=write, pattern=pattern,
+                         flush_interval=flush_interval, drain=drain,
+                         writethrough=mode.writethrough)
+
+
 def bitmap(image: str | Mapping[str, Any], name: str,
            actions: Sequence[str | tuple[str, str]], format: str | None = None, *,
            granularity: int | None = None, source_file: str | None = None,
@@ -213,6 +282,19 @@ def compare(a: str, b: str, *, a_format: str | None = None, b_format: str | None
     with open_chain(a, a_format, read_only=True) as first, \
             open_chain(b, b_format, read_only=True) as second:
         return compare_nodes(first, second, strict=strict)
+
+
+def resize(image: str | Mapping[str, Any], size: int | str, format: str | None = None, *,
+           shrink: bool = False, preallocation: str = "off") -> int:
+    """Set the virtual size (qemu-img resize): an int, or qemu's text
+    ("10G", "+1G", "-512M"). Shrinking needs ``shrink`` (data past the new
+    end is lost); returns the new virtual size."""
+    from corefmt.ops.resize import SizeChange, check_preallocation, resize_node
+
+    change = SizeChange(0, size) if isinstance(size, int) else size
+    with open_chain(image, format) as node:
+        return resize_node(node, change, shrink=shrink,
+                           preallocation=check_preallocation(preallocation))
 
 
 def snapshot_list(image: str | Mapping[str, Any], format: str | None = None, *,

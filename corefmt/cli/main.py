@@ -12,18 +12,26 @@ from corefmt import plugins
 from corefmt.block.chain import open_chain
 from corefmt.block.imagespec import parse_image_opts
 from corefmt.capabilities import CheckFix
+from corefmt.cli.bench import add_bench_parser
 from corefmt.cli.bitmap import add_bitmap_parser
+from corefmt.cli.commit import add_commit_parser
+from corefmt.cli.dd import add_dd_parser
 from corefmt.cli.fuzz import add_fuzz_parser
+from corefmt.cli.help import add_version_and_help
 from corefmt.cli.iocmd import run_commands
+from corefmt.cli.nbd import add_nbd_parser
 from corefmt.cli.prefetch import add_prefetch_parser
-from corefmt.cli.progress import QemuProgress, add_progress_arguments, progress_for
+from corefmt.cli.progress import QEMU, QemuProgress, add_progress_arguments, progress_for
+from corefmt.cli.rebase import add_rebase_parser
+from corefmt.cli.resize import add_resize_parser
 from corefmt.cli.snapshot import add_snapshot_parser
+from corefmt.cli.stream import add_stream_parser
 from corefmt.cli.stress import add_stress_parser
 from corefmt.errors import CorefmtError
 from corefmt.ops import info as info_op
 from corefmt.ops import map as map_op
 from corefmt.ops import measure as measure_op
-from corefmt.ops.compare import compare_nodes
+from corefmt.ops.compare import CompareError, compare_nodes
 from corefmt.ops.convert import (
     CACHE_MODES,
     DEFAULT_CACHE_MODE,
@@ -136,13 +144,15 @@ def cmd_create(args: argparse.Namespace) -> int:
     create(args.filename, args.format, args.size, options=options,
            backing=args.backing, backing_format=args.backing_format, unsafe=args.unsafe)
     if not args.quiet:
-        extra = "".join(f" {key}={value}" for key, value in options.items()
-                        if key != "size")  # the size is printed once, in bytes
-        if args.backing:
-            extra = f" backing_file={args.backing} backing_fmt={args.backing_format}" + extra
-        with open_chain(args.filename, args.format, read_only=True, backing=False) as node:
-            size = node.virtual_size
-        print(f"Formatting '{args.filename}', fmt={args.format}{extra} size={size}")
+        from corefmt.ops.create_line import formatting_line
+
+        given = options.pop("size", args.size)
+        if given is None:  # the backing file's
+            with open_chain(args.filename, args.format, read_only=True, backing=False) as node:
+                given = node.virtual_size
+        print(formatting_line(args.filename, plugins.registry().format(args.format),
+                              parse_size(given, "image size"), options,
+                              args.backing, args.backing_format))
     return EXIT_OK
 
 
@@ -214,6 +224,8 @@ def _rate_limit(text: str) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    """qemu-img compare: 0 identical, 1 different, 2 an image cannot be
+    opened, 3 block status cannot be found, 4 data cannot be read."""
     try:
         second_format = args.second_format or args.format
         protocols = _protocols(args)
@@ -221,27 +233,40 @@ def cmd_compare(args: argparse.Namespace) -> int:
                         allow_protocols=protocols, force_share=args.force_share) as first, \
                 open_chain(_image(args, "second", second_format), second_format,
                            read_only=True, allow_protocols=protocols,
-                           force_share=args.force_share) as second:
-            result = compare_nodes(first, second, strict=args.strict)
+                           force_share=args.force_share) as second, \
+                progress_for(args, "compare") as progress:
+            try:
+                return _compare(args, first, second, progress)
+            except CompareError as error:
+                _print_error(error.naming(args.first if error.node is first else args.second))
+                return error.exit_status
     except CorefmtError as error:
+        if args.progress == QEMU and not args.quiet:
+            print()  # qemu-img ends its progress line even when an image cannot be opened
         _print_error(str(error))
         return EXIT_COMPARE_ERROR
+
+
+def _compare(args: argparse.Namespace, first, second, progress) -> int:
+    """Compare and print as qemu-img does, its messages between progress lines."""
     quiet = args.quiet
+
+    def say(line: str) -> None:
+        if not quiet:
+            print(line, flush=True)
+
+    result = compare_nodes(first, second, strict=args.strict, progress=progress,
+                           on_size_mismatch=lambda: say("Warning: Image size mismatch!"))
     if result.size_mismatch and args.strict:
-        if not quiet:
-            print("Strict mode: Image size mismatch!")
+        say("Strict mode: Image size mismatch!")
         return EXIT_COMPARE_DIFFERENT
-    if result.size_mismatch and not quiet:
-        print("Warning: Image size mismatch!")
     if result.identical:
-        if not quiet:
-            print("Images are identical.")
+        say("Images are identical.")
         return EXIT_OK
-    if not quiet:
-        if result.status_mismatch:
-            print(f"Strict mode: Offset {result.mismatch_offset} block status mismatch!")
-        else:
-            print(f"Content mismatch at offset {result.mismatch_offset}!")
+    if result.status_mismatch:
+        say(f"Strict mode: Offset {result.mismatch_offset} block status mismatch!")
+    else:
+        say(f"Content mismatch at offset {result.mismatch_offset}!")
     return EXIT_COMPARE_DIFFERENT
 
 
@@ -375,7 +400,8 @@ def cmd_io(args: argparse.Namespace) -> int:
 
 # -- parser -------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROGRAM, description="Create, convert, inspect and use disk images.")
+    parser = _Parser(prog=PROGRAM, description="Create, convert, inspect and use disk images.",
+                     add_help=False)  # -h/--help: add_version_and_help's
     verbs = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
 
     formats = verbs.add_parser("formats", help="list installed formats and their options")
@@ -462,8 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_image_opts(comparing)
     comparing.add_argument("-F", dest="second_format")
     comparing.add_argument("-s", dest="strict", action="store_true")
-    comparing.add_argument("-q", dest="quiet", action="store_true")
-    comparing.add_argument("-U", "--force-share", action="store_true")
+    add_progress_arguments(comparing)
+    comparing.add_argument("-U", "--force-share", action="store_true",
+                           help="open the images without taking their locks")
     comparing.add_argument("first")
     comparing.add_argument("second")
     comparing.set_defaults(run=cmd_compare)
@@ -525,6 +552,14 @@ def build_parser() -> argparse.ArgumentParser:
     io_verb.set_defaults(run=cmd_io)
 
     add_prefetch_parser(verbs)
+    add_nbd_parser(verbs)
+    add_version_and_help(parser, verbs)
+    add_bench_parser(verbs)
+    add_rebase_parser(verbs)
+    add_commit_parser(verbs)
+    add_stream_parser(verbs)
+    add_resize_parser(verbs)
+    add_dd_parser(verbs)
     add_bitmap_parser(verbs)
     add_snapshot_parser(verbs)
     add_stress_parser(verbs)

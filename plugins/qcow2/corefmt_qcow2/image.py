@@ -1051,12 +1051,17 @@ class Qcow2Image(BitmapMethods, Image):
     def dirty(self) -> bool:
         return bool(self.header.incompatible_features & INCOMPAT_DIRTY)
 
-    def truncate(self, size: int) -> None:
+    def truncate(self, size: int, preallocation: str = "off") -> None:
         from corefmt_qcow2.resize import resize
 
         self._check_writable()
         with self.lock:
-            resize(self, size)
+            old = self.virtual_size
+            resize(self, size, preallocation)
+        if preallocation != "off" and size > old:
+            from corefmt_qcow2.preallocate import preallocate
+
+            preallocate(self, preallocation, start=old)
 
     def flush_locked(self) -> None:
         self._flush()
@@ -1125,6 +1130,23 @@ class Qcow2Image(BitmapMethods, Image):
         self._check_writable()
         with self.lock:
             amend(self, options, progress, size=size, backing=backing)
+
+    # -- the chain verbs (corefmt_qcow2.chain_ops) ------------------------------------------
+    def set_backing(self, reference: BackingRef | None) -> None:
+        """rebase/stream: qemu's qcow2_change_backing_file."""
+        from corefmt_qcow2 import chain_ops
+
+        self._check_writable()
+        with self.lock:
+            chain_ops.set_backing(self, reference)
+
+    def make_empty(self) -> None:
+        """commit: qemu's qcow2_make_empty (every cluster unallocated)."""
+        from corefmt_qcow2 import chain_ops
+
+        self._check_writable()
+        with self.lock:
+            chain_ops.make_empty(self)
 
     # -- internal snapshots (corefmt_qcow2.snapshot) ------------------------------------------
     @property
