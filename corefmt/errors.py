@@ -3,6 +3,8 @@ so callers (and the CLI) can tell a clear refusal from a bug."""
 
 from __future__ import annotations
 
+import os
+
 
 class CorefmtError(Exception):
     """Base class: the message is meant to be shown to a user as one line."""
@@ -58,3 +60,11 @@ class StorageError(CorefmtError):
         self.os_error = error
         reason = error.strerror or str(error)
         super().__init__(f"{path or '<storage>'}: {operation} failed: {reason}")
+
+
+def error_reason(error: CorefmtError) -> str:
+    """What qemu's tools print after "failed: ": the strerror() of an I/O
+    error where there is one, else the message."""
+    if isinstance(error, StorageError) and error.errno:
+        return os.strerror(error.errno)
+    return str(error)

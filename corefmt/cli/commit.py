@@ -10,10 +10,6 @@ from corefmt.cli.progress import add_progress_arguments, progress_for
 
 EXIT_OK = 0
 COMMITTED = "Image committed."
-#: qemu-img's refusal of a bad -r, one message per line.
-RATE_LIMIT_INVALID = ("Invalid rate limit specified. You may use k, M, G, T, P or E suffixes "
-                      "for", "kilobytes, megabytes, gigabytes, terabytes, petabytes and "
-                      "exabytes.")
 
 
 def add_commit_parser(verbs: Any) -> None:
@@ -39,26 +35,11 @@ def add_commit_parser(verbs: Any) -> None:
     parser.set_defaults(run=cmd_commit)
 
 
-def _rate(text: str | None) -> int:
-    from corefmt.cli.main import UsageError
-    from corefmt.errors import CorefmtError
-    from corefmt.sizes import parse_size
-
-    if text is None:
-        return 0
-    try:
-        return parse_size(text, "rate limit")
-    except CorefmtError:
-        error = UsageError(RATE_LIMIT_INVALID[0])
-        error.reports = RATE_LIMIT_INVALID  # type: ignore[attr-defined]
-        raise error from None
-
-
 def cmd_commit(args: argparse.Namespace) -> int:
-    from corefmt.cli.main import UsageError, _image, _protocols
+    from corefmt.cli.main import UsageError, _image, _protocols, parse_rate_limit
     from corefmt.ops.commit import commit
 
-    rate = _rate(args.rate_limit)
+    rate = parse_rate_limit(args.rate_limit)
     if len(args.filenames) != 1:
         raise UsageError("Expecting one image file name")
     image = _image(argparse.Namespace(filename=args.filenames[0], image_opts=args.image_opts),

@@ -29,7 +29,7 @@ from corefmt.errors import (
     NotSupported,
     RangeError,
     ReadOnlyError,
-    StorageError,
+    error_reason,
 )
 from corefmt.flags import RequestFlags
 
@@ -351,9 +351,7 @@ def _error_reason(error: CorefmtError) -> str:
         return "Block node is read-only"
     if isinstance(error, InvalidRequest):
         return os.strerror(errno.EINVAL)
-    if isinstance(error, StorageError) and error.errno:
-        return os.strerror(error.errno)
-    return str(error)
+    return error_reason(error)
 
 
 class IoSession:

@@ -190,7 +190,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise UsageError("Cannot enable copy offloading when -S is used")
     sparse = parse_size(args.sparse_size, "sparse size") if args.sparse_size else (
         0 if args.sparse_size is not None else 4096)
-    rate = _rate_limit(args.rate_limit) if args.rate_limit is not None else 0
+    rate = parse_rate_limit(args.rate_limit)
 
     def warn(message: str) -> None:
         if not args.quiet:
@@ -210,17 +210,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _rate_limit(text: str) -> int:
-    """-r as qemu-img parses it (a size with suffixes); its two-line refusal."""
+def parse_rate_limit(text: str | None) -> int:
+    """-r as qemu-img parses it (a size with suffixes; none given: 0, no
+    limit); its two-line refusal (convert's and commit's)."""
+    if text is None:
+        return 0
     try:
-        value = parse_size(text, "rate limit")
+        return parse_size(text, "rate limit")
     except CorefmtError:
-        value = -1
-    if value < 0:
         error = UsageError(RATE_LIMIT_INVALID.split("\n")[0])
         error.reports = RATE_LIMIT_INVALID.split("\n")
-        raise error
-    return value
+        raise error from None
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

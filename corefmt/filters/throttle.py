@@ -109,6 +109,23 @@ class TokenBucket:
         return max(0.0, (self.level - self.capacity) / self.rate)
 
 
+class RateLimit:
+    """One byte rate for an operation's own writes (convert -r, commit -r):
+    qemu-img puts its target behind a throttle group with that write rate;
+    this is the same bucket, without a filter in the graph. ``take`` waits
+    until the bytes may go; concurrent callers queue in arrival order."""
+
+    def __init__(self, rate: float, burst: float = DEFAULT_BURST):
+        self._bucket = TokenBucket(rate, rate * burst)
+        self._lock = sync.Lock()
+
+    def take(self, length: int) -> None:
+        with self._lock:
+            wait = self._bucket.take(length, time.monotonic())
+        if wait > 0:
+            time.sleep(wait)
+
+
 class ThrottleFilter(Filter):
     def __init__(self, child: BlockNode, options: ThrottleOptions, context: FilterContext):
         super().__init__(child, options, context)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import queue
-import time
 from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -35,6 +34,7 @@ from corefmt.block.chain import open_chain
 from corefmt.block.node import BlockNode
 from corefmt.driver import supports
 from corefmt.errors import CorefmtError
+from corefmt.filters.throttle import RateLimit
 from corefmt.ops.backing import find_layer
 from corefmt.ops.convert import CACHE_MODES
 from corefmt.registry import Registry
@@ -64,23 +64,6 @@ class CommitResult:
     not_emptiable: bool = False
 
 
-class _Rate:
-    """At most ``limit`` bytes per second (qemu-img commit -r)."""
-
-    def __init__(self, limit: int, clock: Callable[[], float] = time.monotonic):
-        self.limit = limit
-        self.clock = clock
-        self.start = clock()
-        self.sent = 0
-
-    def account(self, nbytes: int) -> None:
-        self.sent += nbytes
-        due = self.start + self.sent / self.limit
-        wait = due - self.clock()
-        if wait > 0:
-            time.sleep(wait)
-
-
 def find_base(node: BlockNode, name: str | None) -> BlockNode:
     """BASE: the named image of the chain below the top (qemu's
     bdrv_find_backing_image), or the top's backing."""
@@ -103,7 +86,7 @@ def copy_above(top: BlockNode, base: BlockNode, *, rate_limit: int = 0,
     size = top.virtual_size
     if base.virtual_size < size:
         base.truncate(size)
-    rate = _Rate(rate_limit) if rate_limit > 0 else None
+    rate = RateLimit(rate_limit) if rate_limit > 0 else None
     written = 0
     buffers: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
     for _ in range(IN_FLIGHT + WORKERS):
@@ -142,7 +125,7 @@ def copy_above(top: BlockNode, base: BlockNode, *, rate_limit: int = 0,
                         pending.append(pool.submit(copy, start, length))
                         written += length
                         if rate is not None:
-                            rate.account(length)
+                            rate.take(length)
                         settle(IN_FLIGHT)
         settle(0)
     if progress is not None:

@@ -16,7 +16,6 @@ import functools
 import itertools
 import os
 import threading
-import time
 from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
@@ -27,8 +26,9 @@ from corefmt import plugins
 from corefmt.block.chain import open_chain
 from corefmt.block.node import BlockNode
 from corefmt.driver import supports
-from corefmt.errors import CorefmtError, OptionError, StorageError
+from corefmt.errors import CorefmtError, OptionError, error_reason
 from corefmt.extents import ChainExtent
+from corefmt.filters.throttle import RateLimit
 from corefmt.flags import RequestFlags
 from corefmt.ops.create import GENERIC_SIZE_KEY, create
 from corefmt.options import parse_option_string
@@ -130,13 +130,6 @@ class CopyMode:
 SALVAGE_SECTOR = 512
 
 
-def error_reason(error: CorefmtError) -> str:
-    """The strerror() qemu-img prints for a failed request, where there is one."""
-    if isinstance(error, StorageError) and error.errno:
-        return os.strerror(error.errno)
-    return str(error)
-
-
 class _Offload:
     """-C: copy_file_range between two plain local files (raw on raw, one
     layer each), so data moves inside the kernel or the file system (a
@@ -162,7 +155,7 @@ class _Offload:
             ends.append((fd, getattr(image, "offset", 0)))
         return cls(*ends[0], *ends[1])
 
-    def copy(self, offset: int, length: int, limit: _RateLimit | None) -> bool:
+    def copy(self, offset: int, length: int, limit: RateLimit | None) -> bool:
         if not self.working:
             return False
         if limit is not None:
@@ -213,25 +206,6 @@ class _Turnstile:
         with self._changed:
             self._broken = True
             self._changed.notify_all()
-
-
-class _RateLimit:
-    """-r: writes wait so that the bytes written since the start never run
-    ahead of the rate (qemu's throttle group on the target, average bps)."""
-
-    def __init__(self, rate: int):
-        self.rate = rate
-        self.started = time.monotonic()
-        self.taken = 0
-        self._lock = threading.Lock()
-
-    def take(self, length: int) -> None:
-        with self._lock:
-            self.taken += length
-            due = self.started + self.taken / self.rate
-        delay = due - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
 
 
 #: What a piece of the source is to the copy (data_chunks).
@@ -363,7 +337,7 @@ class _Copier:
         self.buffer_size = buffer_size
         self.mode = mode
         self.target_zeroed = mode.target_zeroed
-        self._limit = _RateLimit(mode.rate_limit) if mode.rate_limit > 0 else None
+        self._limit = RateLimit(mode.rate_limit) if mode.rate_limit > 0 else None
         self._offload = _Offload.between(source, target) if mode.copy_offload else None
         #: Set by copy_node when the target's layout follows the write order.
         self.turnstile: _Turnstile | None = None

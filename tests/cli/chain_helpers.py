@@ -135,3 +135,18 @@ def scattered_writes(image: Path, size: int, count: int, pattern: int, rng: rand
         offset = rng.randrange(0, size - length, unit)
         commands.append(f"write -P {pattern} {offset} {length}")
     qemu_io(image, *commands, fmt=fmt)
+
+
+def three_layer_chain(directory: Path, size: int, rng: random.Random, mid_writes: int,
+                      top_writes: int) -> None:
+    """base.raw (empty) <- mid.qcow2 <- top.qcow2, each overlay with
+    scattered writes, and ref.raw: what top.qcow2 reads (the interrupted
+    rebase and stream tests' chain)."""
+    qemu_img("create", "-q", "-f", "raw", directory / "base.raw", str(size))
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw",
+             directory / "mid.qcow2")
+    scattered_writes(directory / "mid.qcow2", size, mid_writes, 2, rng)
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2",
+             directory / "top.qcow2")
+    scattered_writes(directory / "top.qcow2", size, top_writes, 3, rng)
+    qemu_img("convert", "-O", "raw", directory / "top.qcow2", directory / "ref.raw")

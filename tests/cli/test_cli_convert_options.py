@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import corefmt
+from corefmt.filters import throttle
 from corefmt.ops import convert as convert_module
 
 pytestmark = pytest.mark.interop
@@ -187,7 +188,7 @@ def test_C_moves_data_with_copy_file_range(tmp_path, source, monkeypatch):
 
 def test_r_limits_the_write_rate(tmp_path, source, monkeypatch):
     slept: list[float] = []
-    monkeypatch.setattr(convert_module.time, "sleep", slept.append)
+    monkeypatch.setattr(throttle.time, "sleep", slept.append)
     corefmt.convert(str(source), str(tmp_path / "r.raw"), rate_limit=1 * MiB)
     written = 8 * 96 * KiB + 128 * KiB
     # The clock does not move while "sleeping": the last wait is how far the

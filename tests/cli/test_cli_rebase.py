@@ -25,7 +25,7 @@ from chain_helpers import (
     qemu_img,
     qemu_io,
     same_content,
-    scattered_writes,
+    three_layer_chain,
 )
 
 pytestmark = [pytest.mark.skipif(not (QEMU_IMG and QEMU_IO),
@@ -200,14 +200,7 @@ def test_interrupted_rebase_keeps_the_guest_view(tmp_path):
     directory.mkdir()
     size = 64 * MIB
     rng = random.Random(7)
-    qemu_img("create", "-q", "-f", "raw", directory / "base.raw", str(size))
-    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw",
-             directory / "mid.qcow2")
-    scattered_writes(directory / "mid.qcow2", size, 120, 2, rng)
-    qemu_img("create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2",
-             directory / "top.qcow2")
-    scattered_writes(directory / "top.qcow2", size, 40, 3, rng)
-    qemu_img("convert", "-O", "raw", directory / "top.qcow2", directory / "ref.raw")
+    three_layer_chain(directory, size, rng, 120, 40)
     args = ["rebase", "-b", "base.raw", "-F", "raw", "top.qcow2"]
     killed = 0
     for _ in range(4):
