@@ -112,6 +112,19 @@ def copy_tree(source: Path, target: Path) -> Path:
     return target
 
 
+def run_time(args: list[str], directory: Path) -> float:
+    """Seconds corefmt ``args`` takes on a copy of ``directory``: the kill
+    tests draw their delays within it, so a kill lands before the run ends
+    however fast the machine is (a fixed bound let quick runs finish first)."""
+    copy = copy_tree(directory, directory.with_name(directory.name + "-timing"))
+    started = time.monotonic()
+    status = corefmt(*args, cwd=copy)[0]
+    elapsed = time.monotonic() - started
+    shutil.rmtree(copy)
+    assert status == 0
+    return elapsed
+
+
 def kill_at_random(args: list[str], cwd: Path, rng: random.Random,
                    longest: float) -> int | None:
     """Run corefmt as a child and SIGKILL it after a random delay (None: it

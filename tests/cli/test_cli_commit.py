@@ -24,6 +24,7 @@ from chain_helpers import (
     messages,
     qemu_img,
     qemu_io,
+    run_time,
     same_content,
     scattered_writes,
 )
@@ -170,9 +171,10 @@ def test_interrupted_commit_keeps_the_guest_view(tmp_path):
     scattered_writes(directory / "top.qcow2", size, 100, 3, rng)
     qemu_img("convert", "-O", "raw", directory / "top.qcow2", directory / "ref.raw")
     args = ["commit", "-r", "40M", "top.qcow2"]
+    longest = run_time(args, directory)
     killed = 0
     for _ in range(3):
-        if kill_at_random(args, directory, rng, longest=1.2) is not None:
+        if kill_at_random(args, directory, rng, longest=longest) is not None:
             killed += 1
         assert same_content(directory / "top.qcow2", directory / "ref.raw")
     assert corefmt(*args, cwd=directory)[0] == 0

@@ -24,6 +24,7 @@ from chain_helpers import (
     messages,
     qemu_img,
     qemu_io,
+    run_time,
     same_content,
     three_layer_chain,
 )
@@ -202,9 +203,10 @@ def test_interrupted_rebase_keeps_the_guest_view(tmp_path):
     rng = random.Random(7)
     three_layer_chain(directory, size, rng, 120, 40)
     args = ["rebase", "-b", "base.raw", "-F", "raw", "top.qcow2"]
+    longest = run_time(args, directory)
     killed = 0
     for _ in range(4):
-        if kill_at_random(args, directory, rng, longest=1.5) is not None:
+        if kill_at_random(args, directory, rng, longest=longest) is not None:
             killed += 1
         assert same_content(directory / "top.qcow2", directory / "ref.raw")
         if backing_of(directory / "top.qcow2")[0] == "base.raw":

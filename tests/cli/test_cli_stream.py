@@ -23,6 +23,7 @@ from chain_helpers import (
     layout,
     qemu_img,
     qemu_io,
+    run_time,
     same_content,
     three_layer_chain,
 )
@@ -111,9 +112,10 @@ def test_interrupted_stream_keeps_the_guest_view(tmp_path):
     rng = random.Random(5)
     three_layer_chain(directory, size, rng, 150, 30)
     args = ["stream", "-b", "base.raw", "top.qcow2"]
+    longest = run_time(args, directory)
     killed = 0
     for _ in range(3):
-        if kill_at_random(args, directory, rng, longest=1.5) is not None:
+        if kill_at_random(args, directory, rng, longest=longest) is not None:
             killed += 1
         assert same_content(directory / "top.qcow2", directory / "ref.raw")
     assert corefmt(*args, cwd=directory)[0] == 0
