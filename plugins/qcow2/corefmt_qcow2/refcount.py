@@ -307,11 +307,17 @@ class Refcounts:
             new_offset = new * self.cluster_size
             self.storage.write(new_offset, block)
             self.storage.flush()
-            self.table[block_index] = new_offset
-            self.layout_version += 1
             self._emit(events.REFTABLE_UPDATE)
+            # Memory follows the disk, as qemu's hook-up does: the entry is
+            # durable before the block is used, and a failed write leaves the
+            # block unknown here (leaked at worst), never known here and
+            # absent there. A torn entry is rewritten before any cluster of
+            # the block's range can be handed out again.
             self.storage.write(self.table_offset + block_index * ENTRY.size,
                                ENTRY.pack(new_offset))
+            self.storage.flush()
+            self.table[block_index] = new_offset
+            self.layout_version += 1
         finally:
             self._reserved.discard(new)
         if new >= self.free_index:
