@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from corefmt import sync
+from corefmt.buffers import first_difference
 from corefmt.errors import CorefmtError, StorageError
 from corefmt.filters.base import Filter, FilterContext, FilterDriver
 from corefmt.flags import RequestFlags
@@ -44,20 +45,6 @@ def _return_value(error: BaseException | None) -> int:
     if isinstance(error, StorageError | OSError) and error.errno:
         return -error.errno
     return -errno.EIO
-
-
-def _first_difference(a: memoryview, b: bytes | bytearray) -> int:
-    """Index of the first differing byte of two equal-length buffers (-1: none)."""
-    if a == b:
-        return -1
-    low, high = 0, len(a)
-    while high - low > 1:  # bisect: slices compare at C speed
-        middle = (low + high) // 2
-        if a[low:middle] != b[low:middle]:
-            high = middle
-        else:
-            low = middle
-    return low
 
 
 class BlkverifyFilter(Filter):
@@ -95,8 +82,8 @@ class BlkverifyFilter(Filter):
             self._both("read", offset, len(buf),
                        lambda: self.child.readinto(offset, buf, flags),
                        lambda: self.raw.readinto(offset, reference, flags & ~TEST_ONLY_FLAGS))
-        at = _first_difference(buf, reference)
-        if at >= 0:
+        at = first_difference(buf, reference, granularity=1)
+        if at is not None:
             raise BlkverifyError(f"blkverify: read offset={offset} bytes={len(buf)} contents "
                                  f"mismatch at offset {offset + at}")
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import attrs
 
 from corefmt.block.node import BlockNode
+from corefmt.buffers import is_zero
 from corefmt.errors import (
     CorefmtError,
     InvalidRequest,
@@ -166,7 +167,7 @@ class Export:
     def write(self, offset: int, data: memoryview, fua: bool) -> None:
         self.check_writable()
         flags = RequestFlags.FUA if fua else RequestFlags.NONE
-        if self.detect_zeroes != DETECT_OFF and not any(data):
+        if self.detect_zeroes != DETECT_OFF and is_zero(data):
             self.node.write_zeroes(offset, len(data), unmap=self.detect_zeroes == DETECT_UNMAP,
                                    flags=flags)
             return

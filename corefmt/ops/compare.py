@@ -13,6 +13,7 @@ from typing import TypeVar
 import attrs
 
 from corefmt.block.node import BlockNode
+from corefmt.buffers import first_difference
 from corefmt.errors import CorefmtError, StorageError
 from corefmt.ops.convert import chain_extents
 
@@ -76,30 +77,6 @@ def _read(node: BlockNode, offset: int, buf: memoryview) -> None:
         reason = reason.replace("{", "{{").replace("}", "}}")
         raise CompareError(f"Error while reading offset {offset} of {{name}}: {reason}", node,
                            EXIT_READ_FAILED) from error
-
-
-def _same(a: memoryview, b: memoryview) -> bool:
-    """``a == b`` at memcmp speed: memoryview == memoryview compares item by
-    item (about 30 times slower), a bytearray on the left is one memcmp."""
-    return len(a) == len(b) and bytearray(a) == b
-
-
-def first_difference(a: memoryview, b: memoryview) -> int | None:
-    """Offset of the first differing sector start, or None if equal."""
-    if _same(a, b):
-        return None
-    low, high = 0, len(a)
-    # Binary search on prefixes: memcmp does the work, Python only the halving.
-    while high - low > SECTOR_SIZE:
-        middle = low + (high - low) // 2
-        middle -= middle % SECTOR_SIZE
-        if middle <= low:
-            break
-        if _same(a[low:middle], b[low:middle]):
-            low = middle
-        else:
-            high = middle
-    return low - low % SECTOR_SIZE
 
 
 def _zero_offset(node: BlockNode, start: int, end: int,

@@ -25,6 +25,7 @@ import attrs
 from corefmt import plugins
 from corefmt.block.chain import open_chain
 from corefmt.block.node import BlockNode
+from corefmt.buffers import is_zero, zero_bytes
 from corefmt.driver import supports
 from corefmt.errors import CorefmtError, OptionError, error_reason
 from corefmt.extents import ChainExtent
@@ -50,11 +51,6 @@ DEFAULT_WORKERS = max(MIN_WORKERS, min(MAX_WORKERS, os.cpu_count() or MIN_WORKER
 STATUS_WINDOW = 1024 * 1024 * 1024
 SPARSE_WINDOW_EXTENTS = 64
 DENSE_WINDOW_EXTENTS = 4096
-#: Zero detection compares at most this many bytes per memcmp (the size of
-#: the shared zero buffer it compares against).
-ZERO_WINDOW = 256 * 1024
-#: Distinct lengths of zero buffers kept (granularity, window, odd tails).
-ZERO_LENGTHS_CACHED = 8
 #: convert flushes the target in the background each time this many bytes
 #: have been copied since the last flush started (see _BackgroundFlush).
 FLUSH_INTERVAL = 128 * 1024 * 1024
@@ -235,34 +231,6 @@ def data_chunks(node: BlockNode, buffer_size: int, start: int = 0, end: int | No
             position += step
 
 
-@functools.lru_cache(maxsize=ZERO_LENGTHS_CACHED)
-def _zero_bytes(length: int) -> bytearray:
-    """A shared, never written, all-zero bytearray of ``length`` bytes."""
-    return bytearray(length)
-
-
-def is_zero(view: memoryview) -> bool:
-    """Whether every byte of ``view`` is zero, at memcmp speed.
-
-    The zero bytearray must be the left operand: ``bytearray == buffer`` is
-    one memcmp, while ``memoryview == bytes`` compares item by item, about
-    40 times slower and with the GIL held (stalling every other worker).
-    Windows of ZERO_WINDOW bytes bound the zero buffer; the last window may
-    overlap the one before, which does not matter for an all-zero test.
-    """
-    length = len(view)
-    if length == 0:
-        return True
-    window = min(length, ZERO_WINDOW)
-    zeros = _zero_bytes(window)
-    last = length - window
-    for start in range(0, length, window):
-        start = min(start, last)
-        if zeros != view[start:start + window]:
-            return False
-    return True
-
-
 def zero_runs(view: memoryview, granularity: int) -> Iterator[tuple[int, int, bool]]:
     """(start, length, is_zero) runs of a buffer, judged ``granularity`` bytes at a time."""
     length = len(view)
@@ -272,7 +240,7 @@ def zero_runs(view: memoryview, granularity: int) -> Iterator[tuple[int, int, bo
     if granularity >= length:
         yield 0, length, False
         return
-    zero_block = _zero_bytes(granularity)
+    zero_block = zero_bytes(granularity)
     run_start = 0
     run_zero: bool | None = None
     position = 0
@@ -360,7 +328,7 @@ class _Copier:
         if kind == ZERO:
             with ordered:
                 if mode.full_allocation:
-                    self._write(offset, memoryview(_zero_bytes(length)))
+                    self._write(offset, memoryview(zero_bytes(length)))
                 elif not self.target_zeroed:
                     self._zero(offset, length)
             return length
@@ -458,7 +426,7 @@ def _no_zero_block(buffer: bytearray, length: int, granularity: int) -> bool:
     tail block is left to judge. False means "look block by block": a zero
     run may still straddle block boundaries without covering a block.
     """
-    if buffer.find(_zero_bytes(granularity), 0, length) >= 0:
+    if buffer.find(zero_bytes(granularity), 0, length) >= 0:
         return False
     tail = length % granularity  # the whole buffer when it is shorter than a block
     return tail == 0 or not is_zero(memoryview(buffer)[length - tail:length])

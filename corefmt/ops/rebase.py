@@ -25,6 +25,7 @@ from typing import Any
 from corefmt import plugins
 from corefmt.block.chain import open_chain
 from corefmt.block.node import BlockNode
+from corefmt.buffers import same_bytes, zero_bytes
 from corefmt.driver import supports
 from corefmt.errors import CorefmtError
 from corefmt.flags import RequestFlags
@@ -92,28 +93,30 @@ def _pieces(old: Iterator[tuple[int, int, Side]], new: Iterator[tuple[int, int, 
             new_run = next(new, None)
 
 
-def differing_runs(old: bytes | memoryview, new: bytes | memoryview
+def differing_runs(old: bytes | bytearray | memoryview, new: bytes | bytearray | memoryview
                    ) -> Iterator[tuple[int, int]]:
-    """(start, end) of the sector runs where two equal-length buffers differ."""
+    """(start, end) of the sector runs where two equal-length buffers differ
+    (every comparison a memcmp: see corefmt.buffers)."""
     old_view, new_view = memoryview(old), memoryview(new)
     length = len(old_view)
     run_start: int | None = None
     position = 0
     while position < length:
         step = min(COMPARE_BLOCK, length - position)
-        if old_view[position:position + step] == new_view[position:position + step]:
+        if same_bytes(old_view[position:position + step], new_view[position:position + step]):
             if run_start is not None:
                 yield run_start, position
                 run_start = None
             position += step
             continue
-        for sector in range(position, position + step, SECTOR):
-            stop = min(sector + SECTOR, length)
-            if old_view[sector:stop] != new_view[sector:stop]:
+        block = bytes(old_view[position:position + step])
+        other = bytes(new_view[position:position + step])
+        for sector in range(0, step, SECTOR):
+            if block[sector:sector + SECTOR] != other[sector:sector + SECTOR]:
                 if run_start is None:
-                    run_start = sector
+                    run_start = position + sector
             elif run_start is not None:
-                yield run_start, sector
+                yield run_start, position + sector
                 run_start = None
         position += step
     if run_start is not None:
@@ -131,6 +134,9 @@ class _Copier:
         self.compress = compress
         self.progress = progress
         self.copied = 0
+        # Reused for every chunk: fresh 4 MiB buffers cost page faults, and
+        # bytes copies of them a second pass over the data.
+        self._buffers = (bytearray(COMPARE_CHUNK), bytearray(COMPARE_CHUNK))
 
     def run(self) -> int:
         top = self.top
@@ -159,21 +165,24 @@ class _Copier:
                 self._compare(chunk, min(chunk + COMPARE_CHUNK, piece_end), old_side,
                               new_side)
 
-    def _read(self, node: BlockNode | None, side: Side, start: int, end: int) -> bytes:
+    def _read(self, node: BlockNode | None, side: Side, start: int, end: int,
+              buffer: bytearray) -> memoryview:
         if side is Side.ZERO or node is None:
-            return bytes(end - start)
-        return node.read(start, end - start)
+            return memoryview(zero_bytes(COMPARE_CHUNK))[:end - start]
+        view = memoryview(buffer)[:end - start]
+        node.readinto(start, view)
+        return view
 
     def _compare(self, start: int, end: int, old_side: Side, new_side: Side) -> None:
-        old_data = self._read(self.old, old_side, start, end)
-        new_data = self._read(self.new, new_side, start, end)
-        if old_data == new_data:
+        old_buffer, new_buffer = self._buffers
+        view = self._read(self.old, old_side, start, end, old_buffer)
+        new_data = self._read(self.new, new_side, start, end, new_buffer)
+        if same_bytes(view, new_data):
             return
-        view = memoryview(old_data)
         # As qemu-img 7.2: zeroes are written as such only past the old
         # backing's end; zeros it holds are copied as data.
         old_end = self.old.virtual_size if self.old is not None else 0
-        for run_start, run_end in differing_runs(old_data, new_data):
+        for run_start, run_end in differing_runs(view, new_data):
             at, length = start + run_start, run_end - run_start
             if at >= old_end:
                 self.top.write_zeroes(at, length)

@@ -129,17 +129,18 @@ def test_progress_line_is_qemu_img_s(pristine, tmp_path):
 def test_only_differing_data_is_read(pristine, tmp_path, monkeypatch):
     """Cost follows data: ranges both chains leave to the common base, and
     zeros on both sides, are never read."""
-    from corefmt.block.node import BlockNode
+    from corefmt.ops import rebase
 
     ours = copy_tree(pristine, tmp_path / "c")
     reads: list[tuple[int, int]] = []
-    real_read = BlockNode.read
+    real_read = rebase._Copier._read
 
-    def counting_read(self, offset, length):
-        reads.append((offset, length))
-        return real_read(self, offset, length)
+    def counting_read(self, node, side, start, end, buffer):
+        if node is not None and side is not rebase.Side.ZERO:  # a real read of a chain
+            reads.append((start, end - start))
+        return real_read(self, node, side, start, end, buffer)
 
-    monkeypatch.setattr(BlockNode, "read", counting_read)
+    monkeypatch.setattr(rebase._Copier, "_read", counting_read)
     status, _out, err = corefmt("rebase", "-b", "base.raw", "-F", "raw", "top.qcow2", cwd=ours)
     assert status == 0, err
     # Read on both sides: mid's data outside top (1M..1.5M, and the cluster
