@@ -390,6 +390,9 @@ class Qcow2Image(BitmapMethods, Image):
                             host is not None and host != run_host + (position - offset)):
                         return run_kind, run_host, position - offset
                     position = piece_end
+                    if not self.extended and kind != COMPRESSED and position < end:
+                        position += self._continuing_clusters(data, entry, kind, position,
+                                                              end) * cs
         final_kind = run_kind if run_kind is not None else UNALLOCATED_PLAIN
         return final_kind, run_host, position - offset
 
@@ -398,6 +401,25 @@ class Qcow2Image(BitmapMethods, Image):
     def limits(self) -> Limits:
         return Limits(request_alignment=1, zeroes_alignment=self.subcluster_size,
                       discard_alignment=self.cluster_size, copy_granularity=self.cluster_size)
+
+    def _continuing_clusters(self, data: bytearray, entry: int, kind: int, position: int,
+                             end: int) -> int:
+        """Whole clusters from ``position`` (cluster-aligned, before ``end``,
+        right after the cluster of ``entry``; none in the next table) that continue its
+        run: the same entry again where there is no host cluster, the next
+        host clusters where there is one (never past the end of the file,
+        so every entry skipped this way is one _classify would accept)."""
+        cs = self.cluster_size
+        index = position // cs % self.l2_entries
+        if index == 0:
+            return 0  # the next cluster is in the next table
+        limit = min(self.l2_entries - index, (end - position) // cs)
+        step = cs if kind in l2.HAS_HOST or kind == SHARED else 0
+        if step and not self.has_data_file:
+            limit = min(limit, (self._file_end - (entry & OFFSET_MASK)) // cs - 1)
+        if limit <= 0:
+            return 0
+        return l2.continuing_entries(data, index - 1, entry, step, limit)
 
     def block_status(self, offset: int, length: int) -> Extent:
         end = min(offset + length, self.virtual_size)
@@ -608,6 +630,13 @@ class Qcow2Image(BitmapMethods, Image):
         self.data.write(host + region_start - first * cs, buffer)
         self._order_data_before_l2(allocated=True)
         with self.l2_cache.get(l2_table) as handle:
+            if not self.extended:  # one pack for the whole run of new entries
+                entry = host | OFLAG_COPIED
+                l2.entries_struct(count).pack_into(
+                    handle.data, first % epl * l2.ENTRY_BYTES,
+                    *range(entry, entry + count * cs, cs))
+                handle.mark_dirty()
+                return end - offset
             for index in range(count):
                 cluster = first + index
                 new_bitmap = None
