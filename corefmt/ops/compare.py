@@ -23,9 +23,6 @@ EXIT_STATUS_FAILED = 3
 EXIT_READ_FAILED = 4
 ProgressFn = Callable[[int, int], None]
 Item = TypeVar("Item")
-#: Mismatches are reported at sector granularity, as qemu-img does.
-SECTOR_SIZE = 512
-#: Block status is asked for in windows of this size (bounds the extent list).
 
 
 @attrs.frozen

@@ -633,20 +633,17 @@ class Qcow2Image(BitmapMethods, Image):
             if not self.extended:  # one pack for the whole run of new entries
                 entry = host | OFLAG_COPIED
                 l2.entries_struct(count).pack_into(
-                    handle.data, first % epl * l2.ENTRY_BYTES,
+                    handle.data, first % epl * ENTRY.size,
                     *range(entry, entry + count * cs, cs))
                 handle.mark_dirty()
                 return end - offset
+            scs = self.subcluster_size
             for index in range(count):
                 cluster = first + index
-                new_bitmap = None
-                if self.extended:
-                    lo = max(region_start, cluster * cs) - cluster * cs
-                    hi = min(region_end, (cluster + 1) * cs) - cluster * cs
-                    scs = self.subcluster_size
-                    new_bitmap = l2.alloc_bits(lo // scs, (hi - lo) // scs)
+                lo = max(region_start, cluster * cs) - cluster * cs
+                hi = min(region_end, (cluster + 1) * cs) - cluster * cs
                 self.set_entry(handle, cluster % epl, (host + index * cs) | OFLAG_COPIED,
-                                new_bitmap)
+                               l2.alloc_bits(lo // scs, (hi - lo) // scs))
         return end - offset
 
     def _below(self, start: int, end: int) -> bytes:

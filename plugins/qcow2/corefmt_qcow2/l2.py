@@ -8,6 +8,7 @@ import struct
 
 from corefmt_qcow2.layout import (
     COMPRESSED_SECTOR,
+    ENTRY,
     OFFSET_MASK,
     OFLAG_COMPRESSED,
     OFLAG_COPIED,
@@ -58,9 +59,6 @@ def alloc_bits(first: int, count: int) -> int:
     return ((1 << count) - 1) << first
 
 
-#: Bytes of a standard L2 entry (extended entries add a 64-bit bitmap).
-ENTRY_BYTES = 8
-
 ALL_ZEROES = SUBCLUSTER_ALLOC_MASK << SUBCLUSTER_ZERO_SHIFT
 
 
@@ -99,14 +97,14 @@ def continuing_entries(data: bytes | bytearray, index: int, entry: int, step: in
     run of n entries costs O(log n) memcmps instead of n unpacks, and a
     short run costs about as much as one entry."""
     matched, width = 0, 1
-    start = (index + 1) * ENTRY_BYTES
+    start = (index + 1) * ENTRY.size
     while matched < limit:
         count = min(width, limit - matched)
         first = entry + (matched + 1) * step
         expected = (entries_struct(count).pack(*range(first, first + count * step, step))
                     if step else entries_struct(1).pack(first) * count)
-        at = start + matched * ENTRY_BYTES
-        if data[at:at + count * ENTRY_BYTES] == expected:
+        at = start + matched * ENTRY.size
+        if data[at:at + count * ENTRY.size] == expected:
             matched += count
             width *= 2
         elif count == 1:
