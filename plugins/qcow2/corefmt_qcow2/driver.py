@@ -39,6 +39,7 @@ from corefmt_qcow2.measure import measure as measure_qcow2
 from corefmt_qcow2.options import Qcow2AmendOptions, Qcow2CreateOptions, Qcow2OpenOptions
 from corefmt_qcow2.preallocate import preallocate
 from corefmt_qcow2.refcount import set_refcount
+from corefmt_qcow2.resize import L1TooLarge
 
 #: A new image: header, refcount table and one refcount block, as qemu lays it out.
 HEADER_CLUSTER, REFTABLE_CLUSTER, REFBLOCK_CLUSTER = 0, 1, 2
@@ -103,7 +104,11 @@ class Qcow2Driver(FormatDriver):
         image = Qcow2Image(storage, ImageContext(
             path=context.path if context else None, read_only=False,
             read_below=lambda _offset, length: bytes(length), open_child=child))
-        image.truncate(size)
+        try:
+            image.truncate(size)
+        except L1TooLarge:  # qemu-img turns the -EFBIG into this
+            raise OptionError("The image size is too large for file format 'qcow2' "
+                              "(try using a larger cluster size)") from None
         if options.preallocation != "off":
             preallocate(image, options.preallocation)
         image.flush()

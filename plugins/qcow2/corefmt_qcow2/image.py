@@ -1120,7 +1120,7 @@ class Qcow2Image(BitmapMethods, Image):
         self.refcounts.cache.flush(storage=True)
         table = self.l1 + [0] * (entries - len(self.l1))
         self.context.emit(events.L1_GROW_WRITE_TABLE)
-        self.storage.write(new, b"".join(ENTRY.pack(value) for value in table))
+        self.storage.write(new, struct.pack(f">{entries}Q", *table))
         self.storage.flush()
         old_offset, old_size = self.header.l1_table_offset, self.header.l1_size
         self.header.l1_table_offset, self.header.l1_size = new, entries

@@ -5,14 +5,29 @@ points outside the disk."""
 
 from __future__ import annotations
 
+import errno
+import os
 from typing import TYPE_CHECKING
 
 from corefmt import NotSupported, OptionError
-from corefmt_qcow2.layout import VERSION_3, div_round_up
+from corefmt_qcow2.layout import ENTRY, MAX_L1_BYTES, VERSION_3, div_round_up
 from corefmt_qcow2.options import PREALLOCATION_MODES
 
 if TYPE_CHECKING:
     from corefmt_qcow2.image import Qcow2Image
+
+#: Most L1 entries an image may have: qemu opens no bigger table.
+MAX_L1_ENTRIES = MAX_L1_BYTES // ENTRY.size
+
+
+class L1TooLarge(OptionError):
+    """The new size needs an L1 table qemu would refuse to open (its
+    qcow2_grow_l1_table's -EFBIG); nothing has changed yet."""
+
+    code = errno.EFBIG
+
+    def __init__(self) -> None:
+        super().__init__(f"Failed to grow the L1 table: {os.strerror(self.code)}")
 
 
 def resize(image: Qcow2Image, size: int, preallocation: str = "off") -> None:
@@ -31,6 +46,8 @@ def resize(image: Qcow2Image, size: int, preallocation: str = "off") -> None:
     old_size = header.size
     cs = image.cluster_size
     entries = div_round_up(size, cs * image.l2_entries)
+    if entries > MAX_L1_ENTRIES:
+        raise L1TooLarge
     if size < header.size:
         first = div_round_up(size, cs)
         for cluster in range(first, div_round_up(header.size, cs)):

@@ -181,10 +181,12 @@ def apply(image: Qcow2Image, id_or_name: str) -> None:
     snapshot_l1 = _read_l1(image, entry)
     _check_tree(image, snapshot_l1, INCREMENT)
     if entry.disk_size != image.virtual_size:
-        from corefmt_qcow2.resize import resize
+        from corefmt_qcow2.resize import L1TooLarge, resize
 
         try:
             resize(image, entry.disk_size)
+        except L1TooLarge as error:  # a hostile disk_size: qemu's -EFBIG
+            raise SnapshotError(error.code, str(error)) from None
         except OptionError as error:  # qemu: blk_truncate's error, then -ENOTSUP
             raise SnapshotError(errno.ENOTSUP, str(error)) from None
     if entry.l1_size > len(image.l1):
