@@ -158,6 +158,7 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     with open_chain(_image(args, "filename", args.format), args.format, read_only=True,
+                    backing=args.backing_chain,
                     allow_protocols=_protocols(args), force_share=args.force_share) as node:
         layers = info_op.chain_info(node) if args.backing_chain else [info_op.node_info(node)]
     if args.output == "json":

@@ -6,6 +6,7 @@ import json
 import re
 from typing import Any
 
+from corefmt import plugins
 from corefmt.block.node import BlockNode
 from corefmt.ops import snapshot as snapshot_op
 from corefmt.sizes import human_size
@@ -33,6 +34,9 @@ def node_info(node: BlockNode) -> dict[str, Any]:
         info["backing-filename"] = image.backing.path
         if layer.backing is not None:
             info["full-backing-filename"] = layer.backing.filename
+        else:  # opened without its chain, as qemu-img info does: where it would be
+            info["full-backing-filename"] = plugins.registry().resolve(
+                image.backing.path, layer.filename)
         if image.backing.format:
             info["backing-filename-format"] = image.backing.format
     info["dirty-flag"] = bool(image.dirty)
