@@ -6,6 +6,7 @@ the guest view and a rerun finishes it."""
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -217,3 +218,33 @@ def test_interrupted_rebase_keeps_the_guest_view(tmp_path):
     assert same_content(directory / "top.qcow2", directory / "ref.raw")
     check_clean(directory / "top.qcow2")
     assert killed, "no run was interrupted: raise the image size"
+
+
+def _compressed_clusters(image: Path) -> int:
+    result = qemu_img("check", "--output=json", image)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(result.stdout).get("compressed-clusters", 0)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_c_stores_the_copied_clusters_compressed(pristine, tmp_path, compress):
+    """qemu-img 7.2's rebase has no -c (later ones do): whole clusters copied
+    into the image are written compressed, partial ones plainly."""
+    ours = copy_tree(pristine, tmp_path / "c")
+    status, _out, err = corefmt("rebase", *(("-c",) if compress else ()), "-b", "",
+                                "top.qcow2", cwd=ours)
+    assert status == 0, err
+    assert same_content(ours / "top.qcow2", pristine / "ref.raw")
+    check_clean(ours / "top.qcow2")
+    assert (_compressed_clusters(ours / "top.qcow2") > 0) == compress
+
+
+def test_c_is_refused_where_the_format_cannot_compress(tmp_path):
+    tmp_path.joinpath("base.raw").write_bytes(b"\1" * MIB)
+    status, _out, err = corefmt("create", "-q", "-f", "fvd", "-b", "base.raw", "-F", "raw",
+                                "top.fvd", cwd=tmp_path)
+    assert status == 0, err
+    before = tmp_path.joinpath("top.fvd").read_bytes()
+    status, _out, err = corefmt("rebase", "-c", "-b", "", "top.fvd", cwd=tmp_path)
+    assert status == 1 and len(messages(err)) == 1, err
+    assert tmp_path.joinpath("top.fvd").read_bytes() == before
