@@ -14,6 +14,7 @@ import pytest
 import corefmt
 from corefmt import plugins
 from corefmt.errors import CorefmtError
+from corefmt.ops.check import check_node
 from corefmt.ops.commit import commit_node
 from corefmt.ops.rebase import rebase_node
 from corefmt.ops.stream import stream_node
@@ -117,3 +118,41 @@ def test_power_cut_while_the_top_is_emptied(seed):
     _power_back(prefix)
     with corefmt.open(f"{prefix}top", "qcow2", read_only=True) as top:
         assert top.read(0, SIZE) == expected
+
+
+
+def _nth_write(count: int):
+    """A trigger matching the top's ``count``-th write from now."""
+    writes = []
+
+    def trigger(request: SimRequest) -> bool:
+        if request.kind == "write":
+            writes.append(request)
+        return len(writes) == count
+
+    return trigger
+
+
+#: qcow2's rebuild of an emptied top (dirty bit, L1 zeroed, first clusters
+#: zeroed, refcount table entry, header, refcount block, clean bit) writes
+#: the top this many times; a cut after each must keep the guest view.
+REBUILD_WRITES = 7
+
+
+@pytest.mark.parametrize("writes", range(1, REBUILD_WRITES + 1))
+def test_power_cut_at_each_step_of_the_empty_rebuild(writes):
+    prefix = f"sim:cut-rebuild-{writes}/"
+    corefmt.create(f"{prefix}base", "raw", SIZE)
+    corefmt.create(f"{prefix}top", "qcow2", backing="base", backing_format="raw")
+    with corefmt.open(f"{prefix}top", "qcow2") as top:
+        top.write(0, b"\x05" * (SIZE // 4))
+        top.write(SIZE // 2, b"\x06" * 4096)
+        expected = top.read(0, SIZE)
+    _cut_after(prefix, writes, _nth_write(writes))
+    with pytest.raises(CorefmtError), corefmt.open(f"{prefix}top", "qcow2") as top:
+        commit_node(top)
+    _power_back(prefix)
+    with corefmt.open(f"{prefix}top", "qcow2") as top:  # a dirty image is repaired here
+        assert top.read(0, SIZE) == expected
+        result = check_node(top)
+    assert (result.corruptions, result.leaks, result.check_errors) == (0, 0, 0)
