@@ -12,13 +12,15 @@ import os
 import signal
 from typing import Any
 
-from corefmt.block.chain import open_chain
 from corefmt.errors import CorefmtError
 from corefmt.nbd.export import DETECT_ZEROES_MODES, DISCARD_MODES, Export
+from corefmt.nbd.opening import DEFAULT_AIO, DEFAULT_CACHE, open_for_export
 from corefmt.nbd.protocol import NBD_DEFAULT_PORT
 from corefmt.nbd.server import DEFAULT_ADDRESS, DEFAULT_HANDSHAKE_LIMIT, NbdServer
 
 EXIT_OK = 0
+#: -n is --cache=none (qemu-nbd).
+NOCACHE_MODE = "none"
 #: Ports as qemu-nbd takes them.
 MIN_PORT, MAX_PORT = 0, 65535
 
@@ -53,6 +55,22 @@ def add_nbd_parser(verbs: Any) -> None:
                         help="write the server's process id here once it listens")
     parser.add_argument("-C", "--copy-on-read", action="store_true",
                         help="copy what is read from the backing chain into the image")
+    parser.add_argument("-s", "--snapshot", action="store_true",
+                        help="send writes to a temporary qcow2 overlay (the image is not "
+                             "changed; the overlay is removed at exit)")
+    parser.add_argument("-A", "--allocation-depth", dest="allocation_depth",
+                        action="store_true", help="offer the qemu:allocation-depth context")
+    parser.add_argument("-B", "--bitmap", dest="bitmaps", action="append", default=[],
+                        metavar="NAME",
+                        help="offer persistent dirty bitmap NAME as qemu:dirty-bitmap:NAME "
+                             "(repeatable)")
+    parser.add_argument("-n", "--nocache", action="store_true",
+                        help=f"the same as --cache={NOCACHE_MODE}")
+    parser.add_argument("--cache", metavar="MODE",
+                        help="none, writeback (default), writethrough, directsync or unsafe")
+    parser.add_argument("--aio", default=DEFAULT_AIO, metavar="MODE",
+                        help="threads (default), native (needs --cache=none or directsync) "
+                             "or io_uring: accepted, corefmt has one I/O engine")
     parser.add_argument("--discard", choices=DISCARD_MODES, default="ignore",
                         help="ignore (default) or unmap trim requests")
     parser.add_argument("--detect-zeroes", choices=DETECT_ZEROES_MODES, default="off",
@@ -62,6 +80,13 @@ def add_nbd_parser(verbs: Any) -> None:
                         metavar="SECONDS",
                         help="drop a client that has not finished negotiating by then "
                              f"(default {DEFAULT_HANDSHAKE_LIMIT:g}; 0: no limit)")
+    parser.add_argument("--object", dest="objects", action="append", default=[],
+                        metavar="tls-creds-x509,id=ID,dir=DIR,endpoint=server",
+                        help="TLS credentials from DIR (ca-cert.pem, server-cert.pem, "
+                             "server-key.pem; verify-peer=on (default) needs client "
+                             "certificates signed by the CA)")
+    parser.add_argument("--tls-creds", metavar="ID",
+                        help="require TLS with the --object of this id")
     parser.add_argument("filename")
     parser.set_defaults(run=cmd_nbd)
 
@@ -91,15 +116,24 @@ def cmd_nbd(args: argparse.Namespace) -> int:
 
     if args.detect_zeroes == "unmap" and args.discard != "unmap":
         raise CorefmtError("--detect-zeroes=unmap can only be used if --discard=unmap")
-    with open_chain(_image(args, "filename", args.format), args.format,
-                    read_only=args.read_only, copy_on_read=args.copy_on_read,
-                    allow_protocols=_protocols(args)) as node:
+    if args.nocache and args.cache is not None:
+        raise CorefmtError("-n and --cache can only be specified once")
+    cache = NOCACHE_MODE if args.nocache else args.cache or DEFAULT_CACHE
+    from corefmt.nbd.tls import credentials  # ssl only when the verb runs
+
+    tls = credentials(args.objects, args.tls_creds)
+    with open_for_export(_image(args, "filename", args.format), args.format,
+                         read_only=args.read_only, copy_on_read=args.copy_on_read,
+                         snapshot=args.snapshot, cache=cache, aio=args.aio,
+                         allow_protocols=_protocols(args)) as (node, mode):
         export = Export(node, name=args.name, description=args.description,
                         read_only=args.read_only, discard=args.discard,
-                        detect_zeroes=args.detect_zeroes, shared=args.shared)
+                        detect_zeroes=args.detect_zeroes, shared=args.shared,
+                        allocation_depth=args.allocation_depth, bitmaps=args.bitmaps,
+                        writethrough=mode.writethrough)
         server = NbdServer(export, host=args.host, port=args.port,
                            unix_socket=args.unix_socket, persistent=args.persistent,
-                           handshake_limit=args.handshake_limit)
+                           handshake_limit=args.handshake_limit, tls=tls)
         with server:
             previous = signal.signal(signal.SIGTERM, lambda *_: server.stop())
             try:

@@ -23,11 +23,14 @@ from corefmt.errors import (
     StorageError,
 )
 from corefmt.flags import RequestFlags
+from corefmt.nbd.bitmaps import DirtyBitmap, find_bitmap
 from corefmt.nbd.protocol import (
     BASE_ALLOCATION,
+    NBD_STATE_DIRTY,
     NBD_STATE_HOLE,
     NBD_STATE_ZERO,
     QEMU_ALLOCATION_DEPTH,
+    QEMU_DIRTY_BITMAP,
     Error,
 )
 from corefmt.nbd.protocol import TransmissionFlags as TF
@@ -49,8 +52,10 @@ MAX_DESCRIPTORS = 65536
 #: Largest 32-bit descriptor length, kept block-aligned.
 MAX_DESCRIPTOR_LENGTH = 0xFFFFFFFF & ~(SECTOR - 1)
 
-#: Metadata contexts this server offers, with the ids it gives them.
+#: Ids of the fixed metadata contexts (depth only with -A, as qemu-nbd);
+#: -B bitmaps are numbered from FIRST_BITMAP_CONTEXT_ID in the order offered.
 CONTEXT_IDS = {BASE_ALLOCATION: 1, QEMU_ALLOCATION_DEPTH: 2}
+FIRST_BITMAP_CONTEXT_ID = 3
 
 
 class NbdRequestError(Exception):
@@ -91,6 +96,16 @@ class Export:
     detect_zeroes: str = DETECT_OFF
     #: -e: how many clients may be connected at once (>1 advertises multi-conn).
     shared: int = 1
+    #: Offer qemu:allocation-depth. On by default in the API, as before -A
+    #: existed; the CLI offers it only with -A, as qemu-nbd.
+    allocation_depth: bool = True
+    #: -B: persistent dirty bitmaps offered as qemu:dirty-bitmap:NAME.
+    bitmaps: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    #: --cache=writethrough/directsync: every write is FUA (no write cache).
+    writethrough: bool = False
+    #: Context name -> id, filled from the options above.
+    contexts: dict[str, int] = attrs.field(init=False, factory=dict)
+    _bitmaps: dict[str, DirtyBitmap] = attrs.field(init=False, factory=dict)
 
     def __attrs_post_init__(self) -> None:
         if self.discard not in DISCARD_MODES:
@@ -100,6 +115,14 @@ class Export:
         if self.detect_zeroes == DETECT_UNMAP and self.discard != DISCARD_UNMAP:
             raise CorefmtError("--detect-zeroes=unmap can only be used if --discard=unmap")
         self.read_only = self.read_only or self.node.read_only
+        self.contexts[BASE_ALLOCATION] = CONTEXT_IDS[BASE_ALLOCATION]
+        if self.allocation_depth:
+            self.contexts[QEMU_ALLOCATION_DEPTH] = CONTEXT_IDS[QEMU_ALLOCATION_DEPTH]
+        # qemu-nbd offers a repeated -B once, and the last -B first (it prepends).
+        for name in reversed(dict.fromkeys(self.bitmaps)):
+            self._bitmaps[QEMU_DIRTY_BITMAP + name] = find_bitmap(self.node, name)
+            self.contexts[QEMU_DIRTY_BITMAP + name] = FIRST_BITMAP_CONTEXT_ID + len(
+                self._bitmaps) - 1
 
     @property
     def size(self) -> int:
@@ -166,7 +189,7 @@ class Export:
 
     def write(self, offset: int, data: memoryview, fua: bool) -> None:
         self.check_writable()
-        flags = RequestFlags.FUA if fua else RequestFlags.NONE
+        flags = RequestFlags.FUA if fua or self.writethrough else RequestFlags.NONE
         if self.detect_zeroes != DETECT_OFF and is_zero(data):
             self.node.write_zeroes(offset, len(data), unmap=self.detect_zeroes == DETECT_UNMAP,
                                    flags=flags)
@@ -176,7 +199,7 @@ class Export:
     def write_zeroes(self, offset: int, length: int, *, fua: bool, no_hole: bool,
                      fast: bool) -> None:
         self.check_writable()
-        flags = RequestFlags.FUA if fua else RequestFlags.NONE
+        flags = RequestFlags.FUA if fua or self.writethrough else RequestFlags.NONE
         if fast:
             flags |= RequestFlags.NO_FALLBACK
         unmap = not no_hole and self.discard == DISCARD_UNMAP
@@ -186,7 +209,7 @@ class Export:
         self.check_writable()
         if self.discard == DISCARD_UNMAP:
             self.node.discard(offset, length)
-            if fua:
+            if fua or self.writethrough:
                 self.node.flush()
 
     def flush(self) -> None:
@@ -205,15 +228,7 @@ class Export:
                ) -> list[tuple[int, int]]:
         """(length, flags) descriptors of one metadata context for the range."""
         descriptors: list[tuple[int, int]] = []
-        for extent in self.node.block_status(offset, length):
-            start, end = max(extent.offset, offset), min(extent.end, offset + length)
-            if end <= start:
-                continue
-            if context == BASE_ALLOCATION:
-                value = ((0 if extent.data and extent.node is not None else NBD_STATE_HOLE)
-                         | (NBD_STATE_ZERO if extent.zero or extent.node is None else 0))
-            else:  # qemu:allocation-depth: 0 unallocated, 1 the top layer, ...
-                value = 0 if extent.node is None else extent.depth + 1
+        for start, end, value in self._runs(context, offset, length):
             if descriptors and descriptors[-1][1] == value:
                 start -= descriptors.pop()[0]
             while end - start > MAX_DESCRIPTOR_LENGTH:
@@ -225,3 +240,21 @@ class Export:
         if one:
             return descriptors[:1]
         return descriptors[:MAX_DESCRIPTORS]
+
+    def _runs(self, context: str, offset: int, length: int) -> Iterator[tuple[int, int, int]]:
+        """(start, end, flags) of one context, in order, covering the range."""
+        bitmap = self._bitmaps.get(context)
+        if bitmap is not None:
+            for start, end, dirty in bitmap.runs(offset, length):
+                yield start, end, NBD_STATE_DIRTY if dirty else 0
+            return
+        for extent in self.node.block_status(offset, length):
+            start, end = max(extent.offset, offset), min(extent.end, offset + length)
+            if end <= start:
+                continue
+            if context == BASE_ALLOCATION:
+                value = ((0 if extent.data and extent.node is not None else NBD_STATE_HOLE)
+                         | (NBD_STATE_ZERO if extent.zero or extent.node is None else 0))
+            else:  # qemu:allocation-depth: 0 unallocated, 1 the top layer, ...
+                value = 0 if extent.node is None else extent.depth + 1
+            yield start, end, value

@@ -143,8 +143,12 @@ class Error(enum.IntEnum):
 # -- metadata contexts ----------------------------------------------------------------
 BASE_ALLOCATION = "base:allocation"
 QEMU_ALLOCATION_DEPTH = "qemu:allocation-depth"
+#: qemu's context for a dirty bitmap: this prefix, then the bitmap's name.
+QEMU_DIRTY_BITMAP = "qemu:dirty-bitmap:"
 NBD_STATE_HOLE = 1 << 0
 NBD_STATE_ZERO = 1 << 1
+#: A dirty-bitmap descriptor's flag for a range the bitmap marks.
+NBD_STATE_DIRTY = 1 << 0
 
 # -- struct layouts -------------------------------------------------------------------
 SERVER_GREETING = struct.Struct(">QQH")       # NBDMAGIC, IHAVEOPT, handshake flags

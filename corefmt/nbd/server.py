@@ -18,20 +18,24 @@ import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from corefmt.errors import CorefmtError
 from corefmt.nbd import protocol as p
 from corefmt.nbd.export import (
-    CONTEXT_IDS,
     MAX_PAYLOAD,
     Export,
     NbdRequestError,
     error_code,
 )
 from corefmt.nbd.protocol import Command, CommandFlags, Error, Info, Option, Reply
+
+if TYPE_CHECKING:
+    import ssl
+
+    from corefmt.nbd.tls import TlsChannel
 
 log = logging.getLogger("corefmt.nbd")
 
@@ -96,7 +100,9 @@ class Connection:
     def __init__(self, server: NbdServer, sock: socket.socket):
         self.server = server
         self.export = server.export
-        self.sock = sock
+        self.sock: socket.socket | TlsChannel = sock
+        #: With TLS configured, every option but STARTTLS and ABORT waits for it.
+        self.tls_active = False
         self.state = _Negotiated()
         self._send_lock = threading.Lock()
         self._broken = False
@@ -164,6 +170,9 @@ class Connection:
         if client_flags & ~_KNOWN_CLIENT_FLAGS:
             raise Disconnect(f"unknown client flags {client_flags:#x}")
         self.state.no_zeroes = bool(client_flags & p.ClientFlags.NBD_FLAG_C_NO_ZEROES)
+        if (self.server.tls is not None
+                and not client_flags & p.ClientFlags.NBD_FLAG_C_FIXED_NEWSTYLE):
+            raise Disconnect("TLS needs fixed newstyle negotiation")  # as qemu-nbd
         while True:
             header = p.OptionHeader.unpack(self.recv_exact(p.OPTION_HEADER.size))
             if header.magic != p.IHAVEOPT:
@@ -183,6 +192,8 @@ class Connection:
 
     def option(self, option: int, data: bytes) -> bool:
         """Answer one option; True when it starts transmission."""
+        if self.server.tls is not None and not self.tls_active and self._before_tls(option, data):
+            return False
         if option == Option.NBD_OPT_EXPORT_NAME:
             if data.decode("utf-8", "replace") != self.export.name:
                 raise Disconnect("unknown export name")  # the protocol wants a hard close
@@ -209,12 +220,45 @@ class Connection:
             elif option in (Option.NBD_OPT_LIST_META_CONTEXT, Option.NBD_OPT_SET_META_CONTEXT):
                 self._meta_context(option, data)
             elif option == Option.NBD_OPT_STARTTLS:
+                if self.tls_active:
+                    raise _OptionError(Reply.NBD_REP_ERR_INVALID, "TLS already enabled")
                 raise _OptionError(Reply.NBD_REP_ERR_POLICY, "TLS is not configured")
             else:
                 raise _OptionError(Reply.NBD_REP_ERR_UNSUP, f"option {option} is not supported")
         except _OptionError as error:
             self.reply(option, error.reply, error.message)
         return False
+
+    def _before_tls(self, option: int, data: bytes) -> bool:
+        """The spec's FORCEDTLS mode: True if the option was handled here."""
+        if option == Option.NBD_OPT_STARTTLS:
+            self._starttls(data)
+            return True
+        if option == Option.NBD_OPT_EXPORT_NAME:  # cannot be answered with an error
+            raise Disconnect("NBD_OPT_EXPORT_NAME before TLS")
+        if option == Option.NBD_OPT_ABORT:  # the spec wants an ACK (qemu 7.2 says TLS_REQD)
+            return False
+        self.reply(option, Reply.NBD_REP_ERR_TLS_REQD,
+                   f"Option {option:#x} not permitted before TLS")  # qemu's words
+        return True
+
+    def _starttls(self, data: bytes) -> None:
+        if data:
+            self.reply(Option.NBD_OPT_STARTTLS, Reply.NBD_REP_ERR_INVALID,
+                       "option 'starttls' has unexpected length")
+            return
+        self.reply(Option.NBD_OPT_STARTTLS, Reply.NBD_REP_ACK)
+        from corefmt.nbd.tls import TlsChannel  # ssl is imported only for TLS
+
+        assert self.server.tls is not None and isinstance(self.sock, socket.socket)
+        channel = TlsChannel(self.sock, self.server.tls)
+        self.sock = channel  # from here on nothing goes out in plain text
+        try:
+            channel.handshake(self._deadline)
+        except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
+            raise Disconnect(f"TLS handshake failed: {error}") from None
+        self.tls_active = True
+        log.debug("TLS started (%s)", channel.version)
 
     def _list(self, data: bytes) -> None:
         if data:
@@ -260,16 +304,15 @@ class Connection:
         reader.end()
         if name != self.export.name:
             raise _OptionError(Reply.NBD_REP_ERR_UNKNOWN, f"export '{name}' not present")
+        contexts = self.export.contexts
         chosen: list[str] = []
         for query in queries if queries or setting else [""]:
-            for context in CONTEXT_IDS:
-                namespace = context.split(":")[0] + ":"
-                listing = not setting and query in ("", namespace)
-                if (query == context or listing) and context not in chosen:
+            for context in contexts:
+                if _matches(query, context, setting) and context not in chosen:
                     chosen.append(context)
         for context in chosen:
             self.reply(option, Reply.NBD_REP_META_CONTEXT,
-                       p.U32.pack(CONTEXT_IDS[context]) + context.encode())
+                       p.U32.pack(contexts[context]) + context.encode())
         if setting:
             self.state.contexts = chosen
         self.reply(option, Reply.NBD_REP_ACK)
@@ -391,10 +434,19 @@ class Connection:
             raise NbdRequestError(Error.NBD_EINVAL, "block status of zero bytes")
         one = bool(request.flags & CommandFlags.NBD_CMD_FLAG_REQ_ONE)
         chunks = [p.block_status_chunk(
-            request.handle, CONTEXT_IDS[context],
+            request.handle, self.export.contexts[context],
             self.export.status(context, request.offset, request.length, one),
             done=index == len(contexts) - 1) for index, context in enumerate(contexts)]
         self.send(*chunks)
+
+
+def _matches(query: str, context: str, setting: bool) -> bool:
+    """Whether a meta context query selects ``context``: by its full name, or
+    (listing only) "" or a namespace prefix ending in ":" ("qemu:",
+    "qemu:dirty-bitmap:") for every context under it, as qemu-nbd lists."""
+    if query == context:
+        return True
+    return not setting and (query == "" or (query.endswith(":") and context.startswith(query)))
 
 
 class _OptionError(Exception):
@@ -444,18 +496,21 @@ class NbdServer:
 
     ``with NbdServer(export, port=0) as server:`` listens (``server.port`` is
     the port taken) and serves in the background; ``wait()`` blocks until
-    the server is done.
+    the server is done. With ``tls`` (a server context, e.g. from
+    ``corefmt.nbd.tls.server_context``) clients must start TLS first.
     """
 
     def __init__(self, export: Export, *, host: str = DEFAULT_ADDRESS,
                  port: int = p.NBD_DEFAULT_PORT, unix_socket: str | None = None,
-                 persistent: bool = False, handshake_limit: float = DEFAULT_HANDSHAKE_LIMIT):
+                 persistent: bool = False, handshake_limit: float = DEFAULT_HANDSHAKE_LIMIT,
+                 tls: ssl.SSLContext | None = None):
         if export.shared < 1:
             raise CorefmtError(f"Invalid shared connection count '{export.shared}'")
         self.export = export
         self.host, self.port, self.unix_socket = host, port, unix_socket
         self.persistent = persistent
         self.handshake_limit = handshake_limit or None
+        self.tls = tls
         self.stopping = False
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
@@ -570,12 +625,13 @@ class NbdServer:
 
     @property
     def address(self) -> str:
-        """An NBD URI for the export (as qemu-img and nbdinfo take it)."""
-        name = self.export.name
+        """An NBD URI for the export (as qemu-img and nbdinfo take it; nbds
+        with TLS)."""
+        name, scheme = self.export.name, "nbds" if self.tls is not None else "nbd"
         if self.unix_socket is not None:
-            return f"nbd+unix:///{name}?socket={self.unix_socket}"
+            return f"{scheme}+unix:///{name}?socket={self.unix_socket}"
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"nbd://{host}:{self.port}/{name}"
+        return f"{scheme}://{host}:{self.port}/{name}"
 
     def __enter__(self) -> NbdServer:
         return self.start()

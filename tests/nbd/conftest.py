@@ -42,6 +42,7 @@ def served(path: Path | str, format: str | None = "raw", *, read_only: bool = Fa
     server_options = {key: options.pop(key) for key in
                       ("persistent", "unix_socket", "handshake_limit") if key in options}
     server_options.setdefault("persistent", True)
+    options.setdefault("allocation_depth", False)  # as qemu-nbd without -A
     with open_chain(str(path), format, read_only=read_only,
                     copy_on_read=copy_on_read) as node:
         export = Export(node, read_only=read_only, **options)

@@ -83,7 +83,7 @@ def test_nbdinfo_json_shows_size_flags_and_block_sizes(raw_image, tmp_path):
     assert not export["can_trim"] and not export["can_zero"] and not export["can_multi_conn"]
     assert (export["block_size_minimum"], export["block_size_preferred"],
             export["block_size_maximum"]) == (1, 4096, 32 * MiB)
-    assert export["contexts"] == ["base:allocation", "qemu:allocation-depth"]
+    assert export["contexts"] == ["base:allocation"]  # depth only with -A, as qemu-nbd
     with served(raw_image, unix_socket=str(sock), shared=2):
         export = json.loads(run("nbdinfo", "--json", unix_uri(sock)).stdout)["exports"][0]
     assert export["is_read_only"] is False and export["can_trim"] and export["can_zero"]
@@ -96,7 +96,7 @@ def test_nbdinfo_map_equals_qemu_nbd(kind, raw_image, qcow2_chain, tmp_path):
     with qemu_nbd(image, format, tmp_path / "q") as uri:
         reference = run("nbdinfo", "--map", uri).stdout
     sock = tmp_path / "c"
-    with served(image, format, read_only=True, unix_socket=str(sock)):
+    with served(image, format, read_only=True, unix_socket=str(sock), allocation_depth=True):
         ours = run("nbdinfo", "--map", unix_uri(sock)).stdout
         depth = run("nbdinfo", "--map=qemu:allocation-depth", unix_uri(sock)).stdout
     assert ours == reference

@@ -56,7 +56,7 @@ def test_negotiation_list_info_unknown_options(raw_image):
 
 
 def test_list_meta_contexts(raw_image):
-    with served(raw_image) as server, Client(address(server)) as client:
+    with served(raw_image, allocation_depth=True) as server, Client(address(server)) as client:
         client.greeting()
         client.option(Option.NBD_OPT_LIST_META_CONTEXT, meta_context_data("", ()))
         names = [data[4:].decode() for reply, data in client.replies()
@@ -211,7 +211,7 @@ def test_out_of_range_and_oversize_requests(raw_image, monkeypatch):
 
 
 def test_block_status_base_allocation_and_depth(raw_image):
-    with served(raw_image) as server, Client(address(server)) as client:
+    with served(raw_image, allocation_depth=True) as server, Client(address(server)) as client:
         client.go(contexts=(p.BASE_ALLOCATION, p.QEMU_ALLOCATION_DEPTH))
         client.request(Command.NBD_CMD_BLOCK_STATUS, 0, 2 * MiB)
         _, error, chunks = client.any_reply()
