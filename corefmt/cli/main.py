@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import warnings
 from collections.abc import Sequence
@@ -12,21 +13,8 @@ from corefmt import plugins
 from corefmt.block.chain import open_chain
 from corefmt.block.imagespec import parse_image_opts
 from corefmt.capabilities import CheckFix
-from corefmt.cli.bench import add_bench_parser
-from corefmt.cli.bitmap import add_bitmap_parser
-from corefmt.cli.commit import add_commit_parser
-from corefmt.cli.dd import add_dd_parser
-from corefmt.cli.fuzz import add_fuzz_parser
 from corefmt.cli.help import add_version_and_help
-from corefmt.cli.iocmd import run_commands
-from corefmt.cli.nbd import add_nbd_parser
-from corefmt.cli.prefetch import add_prefetch_parser
 from corefmt.cli.progress import QEMU, QemuProgress, add_progress_arguments, progress_for
-from corefmt.cli.rebase import add_rebase_parser
-from corefmt.cli.resize import add_resize_parser
-from corefmt.cli.snapshot import add_snapshot_parser
-from corefmt.cli.stream import add_stream_parser
-from corefmt.cli.stress import add_stress_parser
 from corefmt.errors import CorefmtError
 from corefmt.ops import info as info_op
 from corefmt.ops import map as map_op
@@ -393,6 +381,8 @@ def cmd_io(args: argparse.Namespace) -> int:
                     read_only=args.read_only, copy_on_read=args.copy_on_read,
                     allow_protocols=_protocols(args),
                     force_share=args.force_share) as node:
+        from corefmt.cli.iocmd import run_commands
+
         status = run_commands(node, args.commands or [])
         if not args.read_only:
             node.flush()
@@ -400,7 +390,49 @@ def cmd_io(args: argparse.Namespace) -> int:
 
 
 # -- parser -------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
+#: Verbs whose modules (parser and command) are imported only when the
+#: command line names them, or when help lists every verb: importing all of
+#: them cost every command about 50 ms. In the order help lists them;
+#: None marks where -h/--help and --version go.
+_MODULE_VERBS: tuple[tuple[str, str, str] | None, ...] = (
+    ("prefetch", "corefmt.cli.prefetch", "add_prefetch_parser"),
+    ("nbd", "corefmt.cli.nbd", "add_nbd_parser"),
+    None,
+    ("bench", "corefmt.cli.bench", "add_bench_parser"),
+    ("rebase", "corefmt.cli.rebase", "add_rebase_parser"),
+    ("commit", "corefmt.cli.commit", "add_commit_parser"),
+    ("stream", "corefmt.cli.stream", "add_stream_parser"),
+    ("resize", "corefmt.cli.resize", "add_resize_parser"),
+    ("dd", "corefmt.cli.dd", "add_dd_parser"),
+    ("bitmap", "corefmt.cli.bitmap", "add_bitmap_parser"),
+    ("snapshot", "corefmt.cli.snapshot", "add_snapshot_parser"),
+    ("stress", "corefmt.cli.stress", "add_stress_parser"),
+    ("fuzz", "corefmt.cli.fuzz", "add_fuzz_parser"),
+)
+_HELP_WORDS = ("-h", "--help")
+#: The verbs build_parser defines itself (always added).
+_CORE_VERBS = frozenset({"formats", "create", "info", "map", "convert", "compare", "check",
+                         "measure", "amend", "io"})
+
+
+def _wanted_verbs(arguments: Sequence[str] | None) -> set[str] | None:
+    """The module verbs a command line needs (None: every one, for help,
+    an unknown verb's error or no verb at all)."""
+    if arguments is None:
+        return None
+    verb = next((word for word in arguments if not word.startswith("-")), None)
+    names = {entry[0] for entry in _MODULE_VERBS if entry is not None}
+    if verb is None or any(word in _HELP_WORDS for word in arguments[:arguments.index(verb)]):
+        return None
+    if verb in names:
+        return {verb}
+    return set() if verb in _CORE_VERBS else None
+
+
+def build_parser(arguments: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The command-line parser; given ``arguments``, only the verb they name
+    is added among the module verbs (see _MODULE_VERBS)."""
+    wanted = _wanted_verbs(arguments)
     parser = _Parser(prog=PROGRAM, description="Create, convert, inspect and use disk images.",
                      add_help=False)  # -h/--help: add_version_and_help's
     verbs = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
@@ -552,19 +584,13 @@ def build_parser() -> argparse.ArgumentParser:
     io_verb.add_argument("filename")
     io_verb.set_defaults(run=cmd_io)
 
-    add_prefetch_parser(verbs)
-    add_nbd_parser(verbs)
-    add_version_and_help(parser, verbs)
-    add_bench_parser(verbs)
-    add_rebase_parser(verbs)
-    add_commit_parser(verbs)
-    add_stream_parser(verbs)
-    add_resize_parser(verbs)
-    add_dd_parser(verbs)
-    add_bitmap_parser(verbs)
-    add_snapshot_parser(verbs)
-    add_stress_parser(verbs)
-    add_fuzz_parser(verbs)
+    for entry in _MODULE_VERBS:
+        if entry is None:
+            add_version_and_help(parser, verbs)
+            continue
+        name, module, adder = entry
+        if wanted is None or name in wanted:
+            getattr(importlib.import_module(module), adder)(verbs)
     return parser
 
 
@@ -581,7 +607,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    parser = build_parser(arguments)
     verb = next((word for word in arguments if not word.startswith("-")), None)
     try:
         args = parser.parse_args(arguments)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import re
+import subprocess
+import sys
 import tomllib
 from importlib import metadata
 from pathlib import Path
@@ -65,3 +67,18 @@ def test_help_shows_every_verb_with_every_option(tmp_path):
 
 def test_short_help_is_the_same(tmp_path):
     assert run_corefmt(tmp_path, "-h").stdout == run_corefmt(tmp_path, "--help").stdout
+
+
+def test_a_verb_imports_no_other_verbs_module(tmp_path):
+    """Each command pays only for its own verb: importing every verb's
+    module (the NBD server, bench, snapshot...) cost every command ~50 ms."""
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(4096))
+    probe = ("import sys\nfrom corefmt.cli.main import main\n"
+             f"main(['info', {str(image)!r}])\n"
+             "print(sorted(m for m in sys.modules if m.startswith('corefmt.cli.')))\n")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            check=True)
+    loaded = result.stdout.splitlines()[-1]
+    assert "corefmt.cli.nbd" not in loaded and "corefmt.cli.bench" not in loaded
+    assert "corefmt.nbd" not in result.stdout
