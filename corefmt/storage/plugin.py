@@ -5,6 +5,7 @@ from __future__ import annotations
 from corefmt.hookspecs import hookimpl
 from corefmt.registry import Registry
 from corefmt.storage.file import FileStorageDriver
+from corefmt.storage.http import SCHEMES, HttpStorageDriver
 from corefmt.storage.memory import MemoryStorageDriver
 from corefmt.storage.simulated import SimStorageDriver
 
@@ -14,3 +15,5 @@ def corefmt_register(registry: Registry) -> None:
     registry.add_storage(FileStorageDriver())
     registry.add_storage(MemoryStorageDriver())
     registry.add_storage(SimStorageDriver())
+    for scheme in SCHEMES:
+        registry.add_storage(HttpStorageDriver(scheme))

@@ -1,0 +1,444 @@
+"""The ``http`` and ``https`` storage drivers: read-only images on a web server.
+
+Every read is a ranged GET on a shared urllib3 connection pool (keep-alive,
+thread-safe, so the core's worker threads read in parallel). The object's
+identity (ETag, else Last-Modified, and its size) is taken when it is opened
+and checked on every response: a base replaced on the server is refused, never
+mixed with the bytes read before. Transient failures (5xx, 429, timeouts,
+dropped connections) are retried a bounded number of times with exponential
+backoff; anything else ends in one line naming the URL without credentials.
+
+urllib3 is imported on first use: a run on local files never pays for it.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeVar
+from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
+
+from corefmt import sync
+from corefmt.errors import CorefmtError, ReadOnlyError
+from corefmt.storage.base import Storage, StorageDriver
+from corefmt.storage.readahead import ReadAhead
+
+if TYPE_CHECKING:
+    import urllib3
+
+SCHEMES = ("http", "https")
+T = TypeVar("T")
+#: Environment variables that tune every http(s) storage of a process.
+ENV_RETRIES = "COREFMT_HTTP_RETRIES"
+ENV_BACKOFF = "COREFMT_HTTP_BACKOFF"
+ENV_TIMEOUT = "COREFMT_HTTP_TIMEOUT"
+ENV_CA_FILE = "COREFMT_HTTP_CA_FILE"
+DEFAULT_RETRIES = 4
+#: Seconds before the first retry; doubled for each further one, up to the cap.
+DEFAULT_BACKOFF = 0.1
+BACKOFF_CAP = 5.0
+#: Seconds to connect, and to wait for each chunk of an answer.
+DEFAULT_TIMEOUT = 30.0
+#: Connections per server: as many as convert's most worker threads (-m 16);
+#: a thread beyond them waits for one rather than opening yet another.
+POOL_CONNECTIONS = 16
+#: Servers whose connections are kept (a chain rarely spans more).
+POOL_SERVERS = 8
+#: One GET reads at most this much (a huge request would restart from its
+#: beginning on a retry, and keep a connection busy for long).
+MAX_REQUEST_BYTES = 16 * 1024 * 1024
+#: A body is read in pieces this big: a connection dropped mid-way loses at
+#: most one piece (urllib3 drops the data of a read that fails).
+READ_CHUNK_BYTES = 64 * 1024
+HTTP_OK, HTTP_PARTIAL = 200, 206
+HTTP_NOT_FOUND, HTTP_GONE = 404, 410
+HTTP_RANGE_NOT_SATISFIABLE = 416
+HTTP_TOO_MANY_REQUESTS = 429
+HTTP_SERVER_ERRORS = range(500, 600)
+IDENTITY_ENCODING = {"Accept-Encoding": "identity"}
+CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$")
+
+
+def redact(url: str) -> str:
+    """``url`` without the user:password part, for every message and log."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """How persistent the drivers are and whom they trust."""
+
+    retries: int = DEFAULT_RETRIES
+    backoff: float = DEFAULT_BACKOFF
+    timeout: float = DEFAULT_TIMEOUT
+    #: A PEM file of CA certificates to trust instead of the system's store.
+    ca_file: str | None = None
+
+    @classmethod
+    def from_environment(cls) -> HttpSettings:
+        try:
+            return cls(retries=max(0, int(os.environ.get(ENV_RETRIES, DEFAULT_RETRIES))),
+                       backoff=max(0.0, float(os.environ.get(ENV_BACKOFF, DEFAULT_BACKOFF))),
+                       timeout=float(os.environ.get(ENV_TIMEOUT, DEFAULT_TIMEOUT)),
+                       ca_file=os.environ.get(ENV_CA_FILE) or None)
+        except ValueError as error:
+            raise CorefmtError(f"invalid {ENV_RETRIES}/{ENV_BACKOFF}/{ENV_TIMEOUT}: "
+                               f"{error}") from None
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before retry number ``attempt`` (1, 2, ...)."""
+        return min(BACKOFF_CAP, self.backoff * 2 ** (attempt - 1))
+
+
+class _Transient(Exception):
+    """A failure worth another try (server error, timeout, dropped link)."""
+
+
+def _describe(error: Exception) -> str:
+    """urllib3's message without its "HTTPConnectionPool(host=..., port=...): "."""
+    text = str(error)
+    if text.startswith("HTTP") and "): " in text:
+        text = text.split("): ", 1)[1]
+    return " ".join(text.split())
+
+
+class _Client:
+    """One connection pool and the request loop with its retries."""
+
+    def __init__(self, settings: HttpSettings):
+        import urllib3  # deferred: costs tens of milliseconds
+
+        self._urllib3 = urllib3
+        self.settings = settings
+        self.pool = urllib3.PoolManager(
+            num_pools=POOL_SERVERS, maxsize=POOL_CONNECTIONS, block=True,
+            timeout=urllib3.Timeout(connect=settings.timeout, read=settings.timeout),
+            ca_certs=settings.ca_file, retries=False)
+
+    def request(self, method: str, url: str, headers: dict[str, str], what: str
+                ) -> urllib3.BaseHTTPResponse:
+        """The first answer that is not transient: a 5xx, 429 or a network
+        failure is retried, the rest is the caller's to judge. The body is
+        left unread (the caller reads it into its own buffer)."""
+        return self.retrying(lambda: self._once(method, url, headers), url, what)
+
+    def retrying(self, attempt: Callable[[], T], url: str, what: str) -> T:
+        """Run ``attempt`` until it stops raising _Transient, at most
+        1 + retries times, sleeping with backoff in between."""
+        failures = 0
+        while True:
+            try:
+                return attempt()
+            except _Transient as problem:
+                failures += 1
+                if failures > self.settings.retries:
+                    tries = "1 attempt" if failures == 1 else f"{failures} attempts"
+                    raise CorefmtError(f"{redact(url)}: {what} failed after {tries}: "
+                                       f"{problem}") from None
+                time.sleep(self.settings.delay(failures))
+
+    def _once(self, method: str, url: str, headers: dict[str, str]
+              ) -> urllib3.BaseHTTPResponse:
+        errors = self._urllib3.exceptions
+        try:
+            # identity: a compressed answer would not be the bytes of the range
+            response = self.pool.request(method, url, headers={**headers, **IDENTITY_ENCODING},
+                                         preload_content=False, redirect=False, retries=False)
+        except errors.SSLError as error:  # a certificate problem stays one
+            raise CorefmtError(f"{redact(url)}: TLS failed: {_describe(error)}") from None
+        except errors.HTTPError as error:
+            raise _Transient(_describe(error)) from None
+        if response.status in HTTP_SERVER_ERRORS or response.status == HTTP_TOO_MANY_REQUESTS:
+            status = _status(response)
+            _discard(response)
+            raise _Transient(status)
+        return response
+
+    def read_body(self, response: urllib3.BaseHTTPResponse, view: memoryview
+                  ) -> tuple[int, str]:
+        """Read the body into ``view``: how many bytes came, and why it ended
+        early if it did (a dropped connection; the caller asks for the rest)."""
+        done = 0
+        try:
+            while done < len(view):
+                got = response.readinto(view[done:done + READ_CHUNK_BYTES])
+                if not got:
+                    return done, "the answer ended early"
+                done += got
+        except (self._urllib3.exceptions.HTTPError, OSError) as error:
+            return done, _describe(error)
+        return done, ""
+
+    def close(self) -> None:
+        self.pool.clear()
+
+
+def _status(response: urllib3.BaseHTTPResponse) -> str:
+    return f"HTTP {response.status} {response.reason or ''}".rstrip()
+
+
+def _discard(response: urllib3.BaseHTTPResponse) -> None:
+    """Drop an answer whose body is not wanted: its connection is closed
+    rather than drained (the body may be the whole image)."""
+    response.close()
+    response.release_conn()
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What names one version of the object on the server."""
+
+    size: int
+    etag: str | None = None
+    last_modified: str | None = None
+
+    @classmethod
+    def of(cls, response: urllib3.BaseHTTPResponse, size: int) -> Identity:
+        return cls(size, response.headers.get("ETag"), response.headers.get("Last-Modified"))
+
+    def validator(self) -> str | None:
+        """For If-Range: a strong ETag, else the modification date."""
+        if self.etag and not self.etag.startswith("W/"):
+            return self.etag
+        return self.last_modified
+
+    def mismatch(self, response: urllib3.BaseHTTPResponse) -> str | None:
+        """How ``response`` shows another version of the object, or None."""
+        if self.etag is not None:
+            theirs = response.headers.get("ETag")
+            if theirs != self.etag:
+                return f"ETag {self.etag} became {theirs}"
+        elif self.last_modified is not None:
+            theirs = response.headers.get("Last-Modified")
+            if theirs != self.last_modified:
+                return f"Last-Modified {self.last_modified} became {theirs}"
+        return None
+
+
+@dataclass
+class _Target:
+    """A URL split into what goes on the wire and what may be printed."""
+
+    url: str
+    shown: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, url: str) -> _Target:
+        parts = urlsplit(url)
+        if parts.scheme not in SCHEMES or not parts.hostname:
+            raise CorefmtError(f"'{redact(url)}' is not an http(s) URL with a host")
+        headers: dict[str, str] = {}
+        plain = url
+        if "@" in parts.netloc:
+            credentials = unquote(parts.netloc.rsplit("@", 1)[0])
+            if ":" not in credentials:
+                credentials += ":"  # a user without a password
+            token = base64.b64encode(credentials.encode()).decode("ascii")
+            headers["Authorization"] = f"Basic {token}"
+            plain = redact(url)
+        return cls(plain, redact(url), headers)
+
+
+class HttpStorage(Storage):
+    """One object on a server, read with ranged GETs; never written."""
+
+    def __init__(self, target: _Target, client: _Client, identity: Identity):
+        super().__init__(target.shown, read_only=True)
+        self._target = target
+        self._client = client
+        self.identity = identity
+        #: Set once the object is seen to have changed: every later read fails too.
+        self._changed: str | None = None
+        self._lock = sync.Lock()
+        self._reader = ReadAhead(self._fetch_span, identity.size)
+
+    def size(self) -> int:
+        return self.identity.size
+
+    def readinto(self, offset: int, buf: bytearray | memoryview) -> None:
+        view = memoryview(buf).cast("B")
+        have = max(0, min(len(view), self.identity.size - offset))
+        if have < len(view):
+            view[have:] = bytes(len(view) - have)  # past the end: zeros, as a file's tail
+        self._check_unchanged()  # cached bytes of a version seen replaced are not served
+        if have:
+            self._reader.readinto(offset, view[:have])
+
+    def _fetch_span(self, offset: int, view: memoryview) -> None:
+        position = 0
+        while position < len(view):
+            step = min(MAX_REQUEST_BYTES, len(view) - position)
+            self._fetch(offset + position, view[position:position + step])
+            position += step
+
+    # Never reached through write()/truncate() (read_only is always set),
+    # but a caller of the private methods is refused all the same.
+    def _write(self, offset: int, data: bytes | memoryview) -> None:
+        raise ReadOnlyError(f"{self.path}: opened read-only")
+
+    def _truncate(self, size: int) -> None:
+        raise ReadOnlyError(f"{self.path}: opened read-only")
+
+    def _fetch(self, offset: int, view: memoryview) -> None:
+        """Fill ``view`` from ``offset``; a transfer cut short goes on from
+        where it stopped, on a new connection, after the same checks."""
+        what = f"read of {len(view)} bytes at offset {offset}"
+        done = 0
+
+        def attempt() -> None:
+            nonlocal done
+            self._check_unchanged()
+            start, end = offset + done, offset + len(view) - 1
+            headers = {**self._target.headers, "Range": f"bytes={start}-{end}"}
+            validator = self.identity.validator()
+            if validator:
+                headers["If-Range"] = validator
+            response = self._client.request("GET", self._target.url, headers, what)
+            try:
+                self._check_answer(response, start, end, what)
+                got, problem = self._client.read_body(response, view[done:])
+            except BaseException:
+                _discard(response)
+                raise
+            done += got
+            if done < len(view):
+                _discard(response)
+                raise _Transient(f"{problem} after {got} of {end - start + 1} bytes")
+            response.release_conn()
+
+        self._client.retrying(attempt, self._target.url, what)
+
+    def _check_answer(self, response: urllib3.BaseHTTPResponse, start: int, end: int,
+                      what: str) -> None:
+        """A 206 of exactly the range asked, from the version opened (an
+        error status describes no version: it is reported as it is)."""
+        changed = None
+        if response.status in (HTTP_OK, HTTP_PARTIAL):
+            changed = self.identity.mismatch(response)
+            if response.status == HTTP_OK and changed is None and self.identity.validator():
+                changed = "the server sent the whole object for a conditional range"
+        elif response.status == HTTP_RANGE_NOT_SATISFIABLE:
+            changed = "the object became shorter"
+        if changed is not None:
+            self._refuse(changed)
+        if response.status != HTTP_PARTIAL:
+            detail = ("the server ignored the range request" if response.status == HTTP_OK
+                      else _status(response))
+            raise CorefmtError(f"{self.path}: {what} failed: {detail}")
+        answered = _content_range(response)
+        if answered is None or answered[:2] != (start, end):
+            raise CorefmtError(f"{self.path}: {what} failed: the server answered the range "
+                               f"{response.headers.get('Content-Range')!r}")
+        if answered[2] not in (None, self.identity.size):
+            self._refuse(f"its size {self.identity.size} became {answered[2]}")
+
+    def _refuse(self, change: str) -> None:
+        with self._lock:
+            self._changed = self._changed or change
+        self._check_unchanged()
+
+    def _check_unchanged(self) -> None:
+        if self._changed is not None:
+            raise CorefmtError(f"{self.path}: the object changed on the server since it was "
+                               f"opened ({self._changed}); refusing to mix its versions")
+
+    def drop_connections(self) -> None:
+        """Close the idle connections (the next read reconnects): for tests
+        and for a caller that knows the server restarted."""
+        self._client.pool.clear()
+
+
+def _content_range(response: urllib3.BaseHTTPResponse) -> tuple[int, int, int | None] | None:
+    match = CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
+    if match is None:
+        return None
+    total = None if match.group(3) == "*" else int(match.group(3))
+    return int(match.group(1)), int(match.group(2)), total
+
+
+class HttpStorageDriver(StorageDriver):
+    """``http://`` or ``https://`` (one driver each: an image on one may
+    name siblings on the same protocol, never silently on the other)."""
+
+    def __init__(self, scheme: str, settings: HttpSettings | None = None):
+        if scheme not in SCHEMES:
+            raise ValueError(f"not an http scheme: {scheme}")
+        self.name = scheme
+        self.prefix = f"{scheme}://"
+        self._settings = settings
+        self._client: _Client | None = None
+        self._client_lock = sync.Lock()
+
+    def client(self) -> _Client:
+        with self._client_lock:
+            if self._client is None:
+                self._client = _Client(self._settings or HttpSettings.from_environment())
+            return self._client
+
+    def open(self, path: str, *, read_only: bool, direct: bool = False) -> HttpStorage:
+        target = _Target.parse(path)
+        if not read_only:
+            raise CorefmtError(f"Could not open '{target.shown}': {self.name} storage is "
+                               "read-only (open the image read-only)")
+        client = self.client()
+        return HttpStorage(target, client, self._identify(target, client))
+
+    def _identify(self, target: _Target, client: _Client) -> Identity:
+        """Size and version from a HEAD; a server whose HEAD says nothing of
+        ranges is asked for the first byte, and one without ranges refused."""
+        what = "open"
+        head = client.request("HEAD", target.url, target.headers, what)
+        _discard(head)
+        length = head.headers.get("Content-Length")
+        if (head.status == HTTP_OK and length is not None and length.isdigit()
+                and head.headers.get("Accept-Ranges", "").lower() == "bytes"):
+            return Identity.of(head, int(length))
+        if head.status != HTTP_OK and head.status not in (405, 501):  # 405/501: no HEAD
+            raise CorefmtError(f"Could not open '{target.shown}': {_status(head)}")
+        probe = client.request("GET", target.url, {**target.headers, "Range": "bytes=0-0"},
+                               what)
+        _discard(probe)
+        answered = _content_range(probe)
+        if probe.status == HTTP_PARTIAL and answered is not None and answered[2] is not None:
+            return Identity.of(probe, answered[2])
+        if probe.status == HTTP_RANGE_NOT_SATISFIABLE and length == "0":
+            return Identity.of(head, 0)  # an empty object has no first byte
+        if probe.status == HTTP_OK:
+            raise CorefmtError(f"Could not open '{target.shown}': the server does not "
+                               "support range requests")
+        raise CorefmtError(f"Could not open '{target.shown}': {_status(probe)}")
+
+    def create(self, path: str) -> Storage:
+        raise CorefmtError(f"Could not create '{redact(path)}': {self.name} storage is "
+                           "read-only")
+
+    def exists(self, path: str) -> bool:
+        """False only when the server says so (404, 410): any other problem
+        is left to ``open``, which reports it properly."""
+        target = _Target.parse(path)
+        try:
+            response = self.client().request("HEAD", target.url, target.headers, "open")
+        except CorefmtError:
+            return True
+        _discard(response)
+        return response.status not in (HTTP_NOT_FOUND, HTTP_GONE)
+
+    def resolve(self, path: str, relative_to: str | None) -> str:
+        """A relative name in a remote image is its sibling on the server."""
+        if urlsplit(path).scheme or not relative_to:
+            return path
+        return urljoin(relative_to, path)
+
+    def close(self) -> None:
+        with self._client_lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
