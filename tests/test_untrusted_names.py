@@ -58,7 +58,7 @@ def test_the_cli_refuses_in_one_line_and_allows_with_the_option(blockmap, tmp_pa
     corefmt.create(base, "raw", MiB)
     spec = "json:" + json.dumps({"driver": "raw", "file": {"filename": base}})
     top = _overlay_naming(tmp_path, spec)
-    refused = run_cli("info", top)
+    refused = run_cli("info", "--backing-chain", top)  # info alone opens no backing
     assert refused.returncode == 1 and refused.stdout == ""
     assert refused.stderr.count("\n") == 1 and "--allow-protocol json" in refused.stderr
     allowed = run_cli("info", "--allow-protocol", "json", "--backing-chain", top, check=True)
