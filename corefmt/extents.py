@@ -84,7 +84,10 @@ class ChainExtent:
         return self.host_offset + self.length == other.host_offset
 
     def clip(self, start: int, end: int) -> ChainExtent:
-        """The part of this extent inside [start, end)."""
+        """The part of this extent inside [start, end) (itself if all of it:
+        cached status is looked up often, and a copy costs a few µs)."""
+        if start <= self.offset and self.offset + self.length <= end:
+            return self
         new_start = max(start, self.offset)
         new_end = min(end, self.end)
         host = None if self.host_offset is None else self.host_offset + (new_start - self.offset)

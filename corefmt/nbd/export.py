@@ -12,8 +12,10 @@ from collections.abc import Iterator
 
 import attrs
 
+from corefmt.block.filter_node import FilterNode
 from corefmt.block.node import BlockNode
 from corefmt.buffers import is_zero
+from corefmt.driver import supports
 from corefmt.errors import (
     CorefmtError,
     InvalidRequest,
@@ -22,6 +24,7 @@ from corefmt.errors import (
     ReadOnlyError,
     StorageError,
 )
+from corefmt.extents import ChainExtent
 from corefmt.flags import RequestFlags
 from corefmt.nbd.bitmaps import DirtyBitmap, find_bitmap
 from corefmt.nbd.protocol import (
@@ -47,6 +50,14 @@ PREFERRED_BLOCK_SIZE = 4096
 SECTOR = 512
 #: NBD_CMD_CACHE reads through the image in pieces this large.
 CACHE_CHUNK = 4 * 1024 * 1024
+#: Filters under which NBD_CMD_CACHE fills the top image from its backing.
+FILL_FILTERS = ("copy-on-read", "prefetch")
+#: Whether an image is complete is looked at this much at a time.
+COMPLETE_SCAN_WINDOW = 1024 * 1024 * 1024
+#: Block status is asked of the chain this much at first, doubling up to
+#: STATUS_WINDOW at a time (see Export._extents).
+FIRST_STATUS_WINDOW = 1024 * 1024
+STATUS_WINDOW = 64 * 1024 * 1024
 #: A BLOCK_STATUS reply stops after this many descriptors (the client asks again).
 MAX_DESCRIPTORS = 65536
 #: Largest 32-bit descriptor length, kept block-aligned.
@@ -216,13 +227,54 @@ class Export:
         self.node.flush()
 
     def cache(self, offset: int, length: int) -> None:
-        """Read the range through the image (so copy-on-read fills it)."""
+        """Read the range through the image; with copy-on-read or prefetch on,
+        fill it into the top image instead, as a prefetch step: FVD's async
+        copy-on-read would drop most fills of a large range, and a cache that
+        completes the image marks it self-contained (the base not needed)."""
+        layer = self._fill_layer()
+        if layer is not None:
+            from corefmt.ops.prefetch import Prefetcher
+
+            Prefetcher(layer, throttle=False).copy_range(offset, length)
+            if supports(getattr(layer, "image", None), "mark_self_contained") \
+                    and self._complete(layer):
+                layer.persist_fills()
+                layer.mark_self_contained()
+            return
         buf = bytearray(min(length, CACHE_CHUNK))
         position, end = offset, offset + length
         while position < end:
             step = min(len(buf), end - position)
             self.node.readinto(position, memoryview(buf)[:step])
             position += step
+
+    def _fill_layer(self) -> BlockNode | None:
+        """The top image when a copy-on-read or prefetch filter is above it
+        and it still needs a backing to fill from; else None. (Once marked
+        self-contained the image records no backing, though the open node
+        keeps its child until closed.)"""
+        node = self.node
+        filling = False
+        while isinstance(node, FilterNode):
+            filling = filling or node.driver_name in FILL_FILTERS
+            node = node.child
+        if not filling or self.read_only or node.read_only or node.backing is None:
+            return None
+        image = getattr(node, "image", None)
+        if image is not None and getattr(image, "backing", None) is None:
+            return None
+        return node
+
+    @staticmethod
+    def _complete(layer: BlockNode) -> bool:
+        """Whether the layer holds every byte (scanned in windows, stopping at
+        the first hole, so an incomplete image costs little)."""
+        size = layer.virtual_size
+        for start in range(0, size, COMPLETE_SCAN_WINDOW):
+            window = min(COMPLETE_SCAN_WINDOW, size - start)
+            if not all(own.allocated for own in layer.own_status(start, window)):
+                return False
+        return True
 
     def status(self, context: str, offset: int, length: int, one: bool
                ) -> list[tuple[int, int]]:
@@ -235,11 +287,23 @@ class Export:
                 descriptors.append((MAX_DESCRIPTOR_LENGTH, value))
                 start += MAX_DESCRIPTOR_LENGTH
             descriptors.append((end - start, value))
-            if len(descriptors) >= MAX_DESCRIPTORS:
-                break
+            if len(descriptors) >= MAX_DESCRIPTORS or (one and len(descriptors) > 1):
+                break  # with REQ_ONE the first descriptor is whole once another starts
         if one:
             return descriptors[:1]
         return descriptors[:MAX_DESCRIPTORS]
+
+    def _extents(self, offset: int, length: int) -> Iterator[ChainExtent]:
+        """The chain's status over the range, asked STATUS_WINDOW at a time so
+        a caller that stops early pays for what it used: qemu's client asks
+        with REQ_ONE from every extent to the end of the disk, and asking for
+        all of it each time made a convert's status cost grow with the
+        square of the extents."""
+        end, window = offset + length, FIRST_STATUS_WINDOW
+        while offset < end:
+            yield from self.node.block_status(offset, min(window, end - offset))
+            offset += window
+            window = min(2 * window, STATUS_WINDOW)
 
     def _runs(self, context: str, offset: int, length: int) -> Iterator[tuple[int, int, int]]:
         """(start, end, flags) of one context, in order, covering the range."""
@@ -248,7 +312,7 @@ class Export:
             for start, end, dirty in bitmap.runs(offset, length):
                 yield start, end, NBD_STATE_DIRTY if dirty else 0
             return
-        for extent in self.node.block_status(offset, length):
+        for extent in self._extents(offset, length):
             start, end = max(extent.offset, offset), min(extent.end, offset + length)
             if end <= start:
                 continue
