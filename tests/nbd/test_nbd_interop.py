@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -47,9 +48,12 @@ def wait_for(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def qemu_nbd(image: Path, format: str, sock: Path):
-    process = subprocess.Popen(["qemu-nbd", "-r", "-t", "-f", format, "-k", str(sock),
-                                str(image)])
+def qemu_nbd(image: Path, sock: Path, *options: str, tmpdir: Path | None = None
+             ) -> Iterator[str]:
+    """qemu-nbd -t with ``options`` on a Unix socket: its URI while it runs."""
+    env = dict(os.environ, **({"TMPDIR": str(tmpdir)} if tmpdir else {}))
+    process = subprocess.Popen(["qemu-nbd", "-t", *options, "-k", str(sock), str(image)],
+                               env=env)
     try:
         wait_for(sock)
         yield unix_uri(sock)
@@ -93,7 +97,7 @@ def test_nbdinfo_json_shows_size_flags_and_block_sizes(raw_image, tmp_path):
 @pytest.mark.parametrize("kind", ["raw", "qcow2"])
 def test_nbdinfo_map_equals_qemu_nbd(kind, raw_image, qcow2_chain, tmp_path):
     image, format = (raw_image, "raw") if kind == "raw" else (qcow2_chain, "qcow2")
-    with qemu_nbd(image, format, tmp_path / "q") as uri:
+    with qemu_nbd(image, tmp_path / "q", "-r", "-f", format) as uri:
         reference = run("nbdinfo", "--map", uri).stdout
     sock = tmp_path / "c"
     with served(image, format, read_only=True, unix_socket=str(sock), allocation_depth=True):

@@ -4,7 +4,6 @@ given the same options on a copy of the same image."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -12,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,7 +24,7 @@ from corefmt.nbd import serving
 from corefmt.nbd.protocol import Option, Reply
 from tests.nbd.conftest import IMAGE_SIZE
 from tests.nbd.nbd_client import Client, meta_context_data
-from tests.nbd.test_nbd_interop import TIMEOUT, run, unix_uri, wait_for
+from tests.nbd.test_nbd_interop import TIMEOUT, qemu_nbd, run, unix_uri, wait_for
 
 TOOLS = ("nbdinfo", "qemu-img", "qemu-io", "qemu-nbd")
 pytestmark = [
@@ -57,20 +55,6 @@ def nbd_map(uri: str, context: str = "base:allocation", check: bool = True
 
 def contexts(uri: str) -> list[str]:
     return json.loads(run("nbdinfo", "--json", uri).stdout)["exports"][0]["contexts"]
-
-
-@contextlib.contextmanager
-def qemu_nbd(image: Path, sock: Path, *options: str, tmpdir: Path | None = None
-             ) -> Iterator[str]:
-    env = dict(os.environ, **({"TMPDIR": str(tmpdir)} if tmpdir else {}))
-    process = subprocess.Popen(["qemu-nbd", "-t", *options, "-k", str(sock), str(image)],
-                               env=env)
-    try:
-        wait_for(sock)
-        yield unix_uri(sock)
-    finally:
-        process.terminate()
-        process.wait(TIMEOUT)
 
 
 def corefmt_nbd(*args: str, tmpdir: Path | None = None) -> subprocess.Popen:
