@@ -126,6 +126,8 @@ def _rebuild_empty(image: Qcow2Image) -> None:
     image.storage.flush()
     image.l1 = [0] * len(image.l1)
     image._l1_version += 1
+    image._decompressed = None  # its entry may name new bytes from here on
+    image._metadata_preallocated = None  # judged again on the new, small file
     image.storage.write(REFTABLE_CLUSTER * cs, bytes((2 + l1_clusters) * cs))
     header = image.header
     header.l1_table_offset = FIRST_L1_CLUSTER * cs
