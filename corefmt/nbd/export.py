@@ -52,8 +52,6 @@ SECTOR = 512
 CACHE_CHUNK = 4 * 1024 * 1024
 #: Filters under which NBD_CMD_CACHE fills the top image from its backing.
 FILL_FILTERS = ("copy-on-read", "prefetch")
-#: Whether an image is complete is looked at this much at a time.
-COMPLETE_SCAN_WINDOW = 1024 * 1024 * 1024
 #: Block status is asked of the chain this much at first, doubling up to
 #: STATUS_WINDOW at a time (see Export._extents).
 FIRST_STATUS_WINDOW = 1024 * 1024
@@ -235,9 +233,10 @@ class Export:
         if layer is not None:
             from corefmt.ops.prefetch import Prefetcher
 
-            Prefetcher(layer, throttle=False).copy_range(offset, length)
+            prefetcher = Prefetcher(layer, throttle=False)
+            prefetcher.copy_range(offset, length)
             if supports(getattr(layer, "image", None), "mark_self_contained") \
-                    and self._complete(layer):
+                    and prefetcher.complete():
                 layer.persist_fills()
                 layer.mark_self_contained()
             return
@@ -264,17 +263,6 @@ class Export:
         if image is not None and getattr(image, "backing", None) is None:
             return None
         return node
-
-    @staticmethod
-    def _complete(layer: BlockNode) -> bool:
-        """Whether the layer holds every byte (scanned in windows, stopping at
-        the first hole, so an incomplete image costs little)."""
-        size = layer.virtual_size
-        for start in range(0, size, COMPLETE_SCAN_WINDOW):
-            window = min(COMPLETE_SCAN_WINDOW, size - start)
-            if not all(own.allocated for own in layer.own_status(start, window)):
-                return False
-        return True
 
     def status(self, context: str, offset: int, length: int, one: bool
                ) -> list[tuple[int, int]]:

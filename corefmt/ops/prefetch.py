@@ -294,6 +294,11 @@ class Prefetcher:
             copied += self._store(start, run, self._fetch(start, run))
         return copied
 
+    def complete(self) -> bool:
+        """Whether the layer holds every byte (stops at the first hole, so
+        asking of an image far from complete costs little)."""
+        return next(self._holes(0, self.layer.virtual_size), None) is None
+
     def unallocated(self) -> int:
         """Bytes the layer does not hold yet."""
         return sum(end - start for start, end in self._holes(0, self.layer.virtual_size))
