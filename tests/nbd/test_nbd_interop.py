@@ -32,7 +32,7 @@ TIMEOUT = 30
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run(args, capture_output=True, text=True, timeout=TIMEOUT)
     if check and result.returncode:
-        raise AssertionError(f"{' '.join(args)}: {result.stderr}")
+        raise AssertionError(f"{' '.join(args)}: {result.stdout}{result.stderr}")
     return result
 
 

@@ -30,6 +30,7 @@ import corefmt
 import corefmt.nbd.nbdkit_plugin as plugin_module
 from tests.conftest import run_cli
 from tests.nbd.conftest import IMAGE_SIZE, MiB, expected_bytes
+from tests.nbd.test_nbd_interop import run
 
 TOOLS = ("nbdkit", "nbdinfo", "qemu-img", "qemu-io")
 TIMEOUT = 30
@@ -62,13 +63,6 @@ pytestmark = [
                        reason="needs nbdkit with its python plugin (nbdkit-plugin-python), "
                               "nbdinfo (libnbd-bin) and qemu-img/qemu-io"),
 ]
-
-
-def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, capture_output=True, text=True, timeout=TIMEOUT)
-    if check and result.returncode:
-        raise AssertionError(f"{' '.join(args)}: {result.stdout}{result.stderr}")
-    return result
 
 
 def package_parent(name: str) -> str:
