@@ -59,10 +59,16 @@ CHILD_BACKING = "backing"
 
 @attrs.frozen
 class BackingRef:
-    """A backing image reference: always a path plus (where recorded) a format."""
+    """A backing image reference: always a path plus (where recorded) a format.
+
+    ``identity`` is the version of a remote backing (``Storage.identity()``)
+    when the reference was made: the core refuses the backing once it is
+    another version. Formats that cannot record it leave it None (no check).
+    """
 
     path: str
     format: str | None = None
+    identity: str | None = None
 
 
 def _no_child(role: str, path: str, **_: Any) -> Any:

@@ -24,6 +24,7 @@ from corefmt.block.filter_node import FilterNode
 from corefmt.block.image_node import ImageNode, Reopener
 from corefmt.block.imagespec import is_json_filename, parse_json_filename
 from corefmt.block.node import ROLE_BACKING, BlockNode
+from corefmt.credentials import without_credentials
 from corefmt.driver import BackingRef, FormatDriver, ImageContext, accepts_keyword
 from corefmt.errors import BackingChainError, CorefmtError, OptionError
 from corefmt.filters.base import LAYER_STORAGE, FilterContext
@@ -59,7 +60,9 @@ def probe_format(storage: Storage, registry: Registry) -> FormatDriver:
 
 def printable(path: str) -> str:
     """A path read from an image, safe to put in a one-line message: control
-    and other non-printable characters are shown as escapes."""
+    and other non-printable characters are shown as escapes, a URL's
+    credentials left out."""
+    path = without_credentials(path)
     if path.isprintable():
         return path
     return "".join(char if char.isprintable() else repr(char)[1:-1] for char in path)
@@ -204,7 +207,8 @@ class GraphBuilder:
                                   f"option '{KEY_BACKING}'")
             options = build_open_options(driver, spec, "format")
             locking.lock_image(storage, driver, options, read_only)
-            node = ImageNode(storage=storage, driver=driver, filename=filename,
+            node = ImageNode(storage=storage, driver=driver,
+                             filename=without_credentials(filename),
                              read_only=read_only, hooks=self.hooks, node_name=node_name)
             node.no_flush = self.no_flush
         except BaseException:
@@ -392,8 +396,23 @@ class GraphBuilder:
             raise BackingChainError(
                 f"Could not open backing file '{printable(target)}' of '{node.filename}': "
                 f"{error}") from error
+        if reference.identity is not None:
+            change = below.storage.changed_since(reference.identity)
+            if change is not None:
+                below.close()
+                raise BackingChainError(
+                    f"Could not open backing file '{below.filename}' of '{node.filename}': "
+                    f"it changed since the image was made over it ({change}); refusing to "
+                    "mix its versions")
         seen.add(_identity(target))
         return below
+
+
+def version_of(node: BlockNode) -> str | None:
+    """The version (``Storage.identity``) of the store under ``node``'s
+    top layer, for a backing reference to record; None for local files."""
+    storage = getattr(node.layer(), "storage", None)
+    return storage.identity() if isinstance(storage, Storage) else None
 
 
 def open_graph(image: str | Mapping[str, Any], format: str | None = None, *,

@@ -138,9 +138,12 @@ def cmd_create(args: argparse.Namespace) -> int:
         if given is None:  # the backing file's
             with open_chain(args.filename, args.format, read_only=True, backing=False) as node:
                 given = node.virtual_size
+        from corefmt.credentials import without_credentials
+
+        backing = without_credentials(args.backing) if args.backing else args.backing
         print(formatting_line(args.filename, plugins.registry().format(args.format),
                               parse_size(given, "image size"), options,
-                              args.backing, args.backing_format))
+                              backing, args.backing_format))
     return EXIT_OK
 
 

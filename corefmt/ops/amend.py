@@ -17,6 +17,7 @@ import attrs
 from corefmt import plugins
 from corefmt.block.chain import open_chain
 from corefmt.block.node import BlockNode
+from corefmt.credentials import without_credentials
 from corefmt.driver import FormatDriver, accepts_keyword
 from corefmt.errors import CorefmtError, OptionError
 from corefmt.ops.convert import CACHE_MODES
@@ -135,7 +136,8 @@ def amend_node(node: BlockNode, text: str, progress: PercentFn | None = None) ->
     size = generic.get(GENERIC_SIZE_KEY)
     backing = None
     if any(key in generic for key in GENERIC_BACKING_KEYS):
-        backing = (generic.get("backing_file"), generic.get("backing_fmt"))
+        name = generic.get("backing_file")
+        backing = (without_credentials(name) if name else name, generic.get("backing_fmt"))
 
     def report(done: int, total: int) -> None:
         if progress is not None and total:

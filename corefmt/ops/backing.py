@@ -22,6 +22,7 @@ import os
 from typing import TYPE_CHECKING
 
 from corefmt.capabilities import HeaderFull
+from corefmt.credentials import without_credentials
 from corefmt.driver import BackingRef, supports
 from corefmt.errors import CorefmtError, InvalidRequest, NotSupported, OptionError
 
@@ -50,10 +51,11 @@ def _refusal(path: str | None, reason: str) -> BackingChangeError:
 
 
 def change_backing(node: BlockNode, path: str | None, format: str | None, *,
-                   require_format: bool = True) -> None:
+                   require_format: bool = True, identity: str | None = None) -> None:
     """Record ``path`` (as given: a relative name stays relative to the
     image) and ``format`` as the layer's backing, or no backing when
-    ``path`` is empty. The layer's data is flushed first."""
+    ``path`` is empty. The layer's data is flushed first. ``identity`` is
+    the new backing's version where it is remote (``version_of``)."""
     layer = node.layer()
     image = getattr(layer, "image", None)
     if format and not path:
@@ -63,7 +65,7 @@ def change_backing(node: BlockNode, path: str | None, format: str | None, *,
     if image is None or not supports(image, "set_backing"):
         raise _refusal(path, NOT_SUPPORTED)
     layer.flush()  # the copied data is durable before the reference relies on it
-    reference = BackingRef(path, format or None) if path else None
+    reference = BackingRef(without_credentials(path), format or None, identity) if path else None
     try:
         image.set_backing(reference)
     except HeaderFull:

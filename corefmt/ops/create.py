@@ -7,10 +7,13 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import attrs
+
 from corefmt import plugins
 from corefmt.block.align import align_up
-from corefmt.block.chain import open_chain
+from corefmt.block.chain import open_chain, printable, version_of
 from corefmt.block.node import BlockNode
+from corefmt.credentials import without_credentials
 from corefmt.driver import BackingRef, CreateContext, FormatDriver, accepts_keyword
 from corefmt.errors import BackingChainError, CorefmtError, OptionError
 from corefmt.options import OptionHelp, build_options, option_help_entries, parse_option_string
@@ -57,11 +60,16 @@ def create(path: str, format: str = "raw", size: int | str | None = None, *,
             )
         if backing_format:
             registry.format(backing_format)
-        reference = BackingRef(backing, backing_format)
+        # credentials on the command line are for this run, never the header
+        reference = BackingRef(without_credentials(backing), backing_format)
     if unsafe and reference is not None and size is None:
         raise OptionError("Image creation needs a size parameter (-u does not open the "
                           "backing file)")
-    base = _open_backing(path, reference, registry) if reference and not unsafe else None
+    base = _open_backing(path, backing, reference, registry) \
+        if reference and backing and not unsafe else None
+    if base is not None and reference is not None:
+        # a remote base's version: later opens refuse it once it is replaced
+        reference = attrs.evolve(reference, identity=version_of(base))
     try:
         if size is None and base is not None:
             size = base.virtual_size
@@ -182,15 +190,18 @@ def check_create_options(format: str, options: list[str] | str | None,
     return text
 
 
-def _open_backing(path: str, reference: BackingRef, registry: Registry) -> BlockNode:
-    """Open the would-be backing chain (relative to the new image), read-only."""
-    target = registry.resolve(reference.path, path)
+def _open_backing(path: str, given: str, reference: BackingRef, registry: Registry
+                  ) -> BlockNode:
+    """Open the would-be backing chain (relative to the new image), read-only,
+    by the name as ``given`` (with any credentials the user gave)."""
+    target = registry.resolve(given, path)
     try:
         return open_chain(target, reference.format, read_only=True, registry=registry)
     except BackingChainError:
         raise
     except CorefmtError as error:
-        raise BackingChainError(f"Could not open backing file '{target}': {error}") from error
+        raise BackingChainError(f"Could not open backing file '{printable(target)}': "
+                                f"{error}") from error
 
 
 def _remove(path: str) -> None:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any
 
 from corefmt import plugins
-from corefmt.block.chain import open_chain
+from corefmt.block.chain import open_chain, version_of
 from corefmt.block.node import BlockNode
 from corefmt.buffers import same_bytes, zero_bytes
 from corefmt.driver import supports
@@ -224,10 +224,11 @@ def _common_base(old: BlockNode | None, new: BlockNode | None
 
 def rebase_node(node: BlockNode, new: BlockNode | None, path: str | None,
                 format: str | None, *, unsafe: bool = False, compress: bool = False,
-                progress: ProgressFn | None = None) -> int:
+                progress: ProgressFn | None = None, identity: str | None = None) -> int:
     """Rebase an image opened read-write (with its old chain unless
     ``unsafe``) onto ``new`` (opened by the caller; None: no backing), then
-    record ``path``/``format``. Returns the bytes copied."""
+    record ``path``/``format`` (and the version of a remote ``new``, or
+    ``identity`` where ``new`` was not opened). Returns the bytes copied."""
     top = node.layer()
     copied = 0
     if compress and not supports(top.image, "write_compressed"):
@@ -238,7 +239,7 @@ def rebase_node(node: BlockNode, new: BlockNode | None, path: str | None,
         copied = _Copier(top, old, old_base, new, new_base, compress=compress,
                          progress=progress).run()
     if path:
-        change_backing(top, path, format)
+        change_backing(top, path, format, identity=version_of(new) if new else identity)
     elif not unsafe:
         drop_backing(top)
     else:
@@ -265,8 +266,10 @@ def rebase(image: str | Mapping[str, Any], backing: str | None,
         if backing_format is not None and backing_format not in registry.formats:
             raise RebaseError(f"Invalid format name: '{backing_format}'")
         if unsafe or not backing:
+            version = _remote_version(registry.resolve(backing, node.filename), registry) \
+                if backing else None
             return rebase_node(node, None, backing, backing_format, unsafe=unsafe,
-                               compress=compress, progress=progress)
+                               compress=compress, progress=progress, identity=version)
         target = registry.resolve(backing, node.filename)
         reused = find_layer(node, target)
         if reused is not None:
@@ -282,6 +285,24 @@ def rebase(image: str | Mapping[str, Any], backing: str | None,
         with new:
             return rebase_node(node, new, backing, backing_format, compress=compress,
                                progress=progress)
+
+
+def _remote_version(target: str, registry: Registry) -> str | None:
+    """The version of a remote backing that ``-u`` names, from its storage
+    alone (the image is not opened, as qemu's -u): the user who says the
+    base on the server now is the right one gets it checked from then on.
+    None for a local file or a server that cannot be reached."""
+    driver = registry.storage_for(target)
+    if driver.name == "file":
+        return None
+    try:
+        storage = driver.open(target, read_only=True)
+    except CorefmtError:
+        return None
+    try:
+        return storage.identity()
+    finally:
+        storage.close()
 
 
 def _opening_error(target: str, error: CorefmtError) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 import attrs
 
 from corefmt import plugins
-from corefmt.block.chain import open_chain
+from corefmt.block.chain import open_chain, version_of
 from corefmt.block.node import BlockNode
 from corefmt.errors import CorefmtError
 from corefmt.ops.backing import change_backing, drop_backing, find_layer, reference_to
@@ -64,7 +64,7 @@ def stream_node(node: BlockNode, base_name: str | None = None, *,
         return StreamResult(copied=status.copied)
     reference = reference_to(base, top)
     if base is not below.layer():
-        change_backing(top, reference, base.format_name)
+        change_backing(top, reference, base.format_name, identity=version_of(base))
     return StreamResult(copied=status.copied, backing=reference)
 
 

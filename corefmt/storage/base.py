@@ -50,6 +50,20 @@ class Storage(abc.ABC):
         """Release the store; the object is unusable afterwards."""
 
     # -- optional, with generic fallbacks ----------------------------------
+    def identity(self) -> str | None:
+        """What names this version of a store that others may replace (a
+        remote object's size and ETag): overlays record it and every later
+        open compares it. None where changes are the user's own (local files)."""
+        return None
+
+    def changed_since(self, recorded: str) -> str | None:
+        """How this store differs from the version ``recorded`` by
+        ``identity()``, or None when it is that version (or cannot tell)."""
+        current = self.identity()
+        if current is None or current == recorded:
+            return None
+        return f"{recorded} became {current}"
+
     def _punch_hole(self, offset: int, length: int) -> bool:
         """Deallocate a range so it reads as zeros; False if unsupported."""
         return False

@@ -13,7 +13,10 @@ urllib3 is imported on first use: a run on local files never pays for it.
 
 from __future__ import annotations
 
+import abc
 import base64
+import json
+import netrc
 import os
 import re
 import time
@@ -37,6 +40,9 @@ ENV_RETRIES = "COREFMT_HTTP_RETRIES"
 ENV_BACKOFF = "COREFMT_HTTP_BACKOFF"
 ENV_TIMEOUT = "COREFMT_HTTP_TIMEOUT"
 ENV_CA_FILE = "COREFMT_HTTP_CA_FILE"
+#: Logins for hosts, where a URL names none (curl's and wget's file).
+ENV_NETRC = "NETRC"
+DEFAULT_NETRC = "~/.netrc"
 DEFAULT_RETRIES = 4
 #: Seconds before the first retry; doubled for each further one, up to the cap.
 DEFAULT_BACKOFF = 0.1
@@ -122,14 +128,14 @@ class _Client:
             timeout=urllib3.Timeout(connect=settings.timeout, read=settings.timeout),
             ca_certs=settings.ca_file, retries=False)
 
-    def request(self, method: str, url: str, headers: dict[str, str], what: str
+    def request(self, method: str, target: Target, headers: dict[str, str], what: str
                 ) -> urllib3.BaseHTTPResponse:
         """The first answer that is not transient: a 5xx, 429 or a network
         failure is retried, the rest is the caller's to judge. The body is
         left unread (the caller reads it into its own buffer)."""
-        return self.retrying(lambda: self._once(method, url, headers), url, what)
+        return self.retrying(lambda: self._once(method, target, headers), target.shown, what)
 
-    def retrying(self, attempt: Callable[[], T], url: str, what: str) -> T:
+    def retrying(self, attempt: Callable[[], T], shown: str, what: str) -> T:
         """Run ``attempt`` until it stops raising _Transient, at most
         1 + retries times, sleeping with backoff in between."""
         failures = 0
@@ -140,19 +146,20 @@ class _Client:
                 failures += 1
                 if failures > self.settings.retries:
                     tries = "1 attempt" if failures == 1 else f"{failures} attempts"
-                    raise CorefmtError(f"{redact(url)}: {what} failed after {tries}: "
+                    raise CorefmtError(f"{shown}: {what} failed after {tries}: "
                                        f"{problem}") from None
                 time.sleep(self.settings.delay(failures))
 
-    def _once(self, method: str, url: str, headers: dict[str, str]
+    def _once(self, method: str, target: Target, headers: dict[str, str]
               ) -> urllib3.BaseHTTPResponse:
         errors = self._urllib3.exceptions
         try:
             # identity: a compressed answer would not be the bytes of the range
-            response = self.pool.request(method, url, headers={**headers, **IDENTITY_ENCODING},
+            response = self.pool.request(method, target.wire(method),
+                                         headers={**headers, **IDENTITY_ENCODING},
                                          preload_content=False, redirect=False, retries=False)
         except errors.SSLError as error:  # a certificate problem stays one
-            raise CorefmtError(f"{redact(url)}: TLS failed: {_describe(error)}") from None
+            raise CorefmtError(f"{target.shown}: TLS failed: {_describe(error)}") from None
         except errors.HTTPError as error:
             raise _Transient(_describe(error)) from None
         if response.status in HTTP_SERVER_ERRORS or response.status == HTTP_TOO_MANY_REQUESTS:
@@ -209,6 +216,39 @@ class Identity:
             return self.etag
         return self.last_modified
 
+    def to_text(self) -> str:
+        """The form overlays record (``Storage.identity``)."""
+        fields = {"size": self.size, "etag": self.etag, "last-modified": self.last_modified}
+        return json.dumps({key: value for key, value in fields.items() if value is not None},
+                          sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_text(cls, text: str) -> Identity | None:
+        """A recorded identity, or None if it is not one (a record another
+        tool left is then no evidence either way)."""
+        try:
+            fields = json.loads(text)
+            size = fields["size"]
+        except (ValueError, TypeError, KeyError):
+            return None
+        etag, modified = fields.get("etag"), fields.get("last-modified")
+        if not isinstance(size, int) or not all(isinstance(value, str | None)
+                                                for value in (etag, modified)):
+            return None
+        return cls(size, etag, modified)
+
+    def differs_from(self, older: Identity) -> str | None:
+        """How this version differs from ``older``, by the validator ``older``
+        had (ETag, else Last-Modified) and the size; None if it is the same."""
+        if older.etag is not None and older.etag != self.etag:
+            return f"ETag {older.etag} became {self.etag}"
+        if older.etag is None and older.last_modified is not None \
+                and older.last_modified != self.last_modified:
+            return f"Last-Modified {older.last_modified} became {self.last_modified}"
+        if older.size != self.size:
+            return f"its size {older.size} became {self.size}"
+        return None
+
     def mismatch(self, response: urllib3.BaseHTTPResponse) -> str | None:
         """How ``response`` shows another version of the object, or None."""
         if self.etag is not None:
@@ -223,49 +263,66 @@ class Identity:
 
 
 @dataclass
-class _Target:
-    """A URL split into what goes on the wire and what may be printed."""
+class Target:
+    """A URL split into what goes on the wire and what may be printed: only
+    ``shown`` ever enters a message."""
 
     url: str
     shown: str
     headers: dict[str, str] = field(default_factory=dict)
 
+    def wire(self, method: str) -> str:
+        """The URL a ``method`` request goes to (a signed store makes one
+        per method and renews it before it expires)."""
+        return self.url
+
     @classmethod
-    def parse(cls, url: str) -> _Target:
+    def parse(cls, url: str, login: Callable[[str], str | None] | None = None) -> Target:
+        """``login(host)`` gives "user:password" for a URL that has none
+        (a backing name, recorded without them)."""
         parts = urlsplit(url)
         if parts.scheme not in SCHEMES or not parts.hostname:
             raise CorefmtError(f"'{redact(url)}' is not an http(s) URL with a host")
         headers: dict[str, str] = {}
-        plain = url
+        credentials = None
         if "@" in parts.netloc:
             credentials = unquote(parts.netloc.rsplit("@", 1)[0])
             if ":" not in credentials:
                 credentials += ":"  # a user without a password
+        elif login is not None:
+            credentials = login(parts.hostname)
+        if credentials is not None:
             token = base64.b64encode(credentials.encode()).decode("ascii")
             headers["Authorization"] = f"Basic {token}"
-            plain = redact(url)
-        return cls(plain, redact(url), headers)
+        return cls(redact(url), redact(url), headers)
 
 
 class HttpStorage(Storage):
     """One object on a server, read with ranged GETs; never written."""
 
-    def __init__(self, target: _Target, client: _Client, identity: Identity):
+    def __init__(self, target: Target, client: _Client, identity: Identity):
         super().__init__(target.shown, read_only=True)
         self._target = target
         self._client = client
-        self.identity = identity
+        self.version = identity
         #: Set once the object is seen to have changed: every later read fails too.
         self._changed: str | None = None
         self._lock = sync.Lock()
         self._reader = ReadAhead(self._fetch_span, identity.size)
 
     def size(self) -> int:
-        return self.identity.size
+        return self.version.size
+
+    def identity(self) -> str | None:
+        return self.version.to_text()
+
+    def changed_since(self, recorded: str) -> str | None:
+        older = Identity.from_text(recorded)
+        return None if older is None else self.version.differs_from(older)
 
     def readinto(self, offset: int, buf: bytearray | memoryview) -> None:
         view = memoryview(buf).cast("B")
-        have = max(0, min(len(view), self.identity.size - offset))
+        have = max(0, min(len(view), self.version.size - offset))
         if have < len(view):
             view[have:] = bytes(len(view) - have)  # past the end: zeros, as a file's tail
         self._check_unchanged()  # cached bytes of a version seen replaced are not served
@@ -298,10 +355,10 @@ class HttpStorage(Storage):
             self._check_unchanged()
             start, end = offset + done, offset + len(view) - 1
             headers = {**self._target.headers, "Range": f"bytes={start}-{end}"}
-            validator = self.identity.validator()
+            validator = self.version.validator()
             if validator:
                 headers["If-Range"] = validator
-            response = self._client.request("GET", self._target.url, headers, what)
+            response = self._client.request("GET", self._target, headers, what)
             try:
                 self._check_answer(response, start, end, what)
                 got, problem = self._client.read_body(response, view[done:])
@@ -314,7 +371,7 @@ class HttpStorage(Storage):
                 raise _Transient(f"{problem} after {got} of {end - start + 1} bytes")
             response.release_conn()
 
-        self._client.retrying(attempt, self._target.url, what)
+        self._client.retrying(attempt, self._target.shown, what)
 
     def _check_answer(self, response: urllib3.BaseHTTPResponse, start: int, end: int,
                       what: str) -> None:
@@ -322,8 +379,8 @@ class HttpStorage(Storage):
         error status describes no version: it is reported as it is)."""
         changed = None
         if response.status in (HTTP_OK, HTTP_PARTIAL):
-            changed = self.identity.mismatch(response)
-            if response.status == HTTP_OK and changed is None and self.identity.validator():
+            changed = self.version.mismatch(response)
+            if response.status == HTTP_OK and changed is None and self.version.validator():
                 changed = "the server sent the whole object for a conditional range"
         elif response.status == HTTP_RANGE_NOT_SATISFIABLE:
             changed = "the object became shorter"
@@ -337,8 +394,8 @@ class HttpStorage(Storage):
         if answered is None or answered[:2] != (start, end):
             raise CorefmtError(f"{self.path}: {what} failed: the server answered the range "
                                f"{response.headers.get('Content-Range')!r}")
-        if answered[2] not in (None, self.identity.size):
-            self._refuse(f"its size {self.identity.size} became {answered[2]}")
+        if answered[2] not in (None, self.version.size):
+            self._refuse(f"its size {self.version.size} became {answered[2]}")
 
     def _refuse(self, change: str) -> None:
         with self._lock:
@@ -364,18 +421,20 @@ def _content_range(response: urllib3.BaseHTTPResponse) -> tuple[int, int, int | 
     return int(match.group(1)), int(match.group(2)), total
 
 
-class HttpStorageDriver(StorageDriver):
-    """``http://`` or ``https://`` (one driver each: an image on one may
-    name siblings on the same protocol, never silently on the other)."""
+class RangedStorageDriver(StorageDriver):
+    """What every driver of objects read with ranged GETs shares: one
+    connection pool per driver, the object identified on open, read-only.
+    A subclass says how a path becomes a ``Target``."""
 
-    def __init__(self, scheme: str, settings: HttpSettings | None = None):
-        if scheme not in SCHEMES:
-            raise ValueError(f"not an http scheme: {scheme}")
-        self.name = scheme
-        self.prefix = f"{scheme}://"
+    def __init__(self, settings: HttpSettings | None = None):
         self._settings = settings
         self._client: _Client | None = None
         self._client_lock = sync.Lock()
+
+    @abc.abstractmethod
+    def target(self, path: str) -> Target:
+        """How ``path`` is reached and shown (its credentials kept out of the
+        name); a malformed path is refused here."""
 
     def client(self) -> _Client:
         with self._client_lock:
@@ -384,61 +443,100 @@ class HttpStorageDriver(StorageDriver):
             return self._client
 
     def open(self, path: str, *, read_only: bool, direct: bool = False) -> HttpStorage:
-        target = _Target.parse(path)
+        target = self.target(path)
         if not read_only:
             raise CorefmtError(f"Could not open '{target.shown}': {self.name} storage is "
                                "read-only (open the image read-only)")
         client = self.client()
-        return HttpStorage(target, client, self._identify(target, client))
-
-    def _identify(self, target: _Target, client: _Client) -> Identity:
-        """Size and version from a HEAD; a server whose HEAD says nothing of
-        ranges is asked for the first byte, and one without ranges refused."""
-        what = "open"
-        head = client.request("HEAD", target.url, target.headers, what)
-        _discard(head)
-        length = head.headers.get("Content-Length")
-        if (head.status == HTTP_OK and length is not None and length.isdigit()
-                and head.headers.get("Accept-Ranges", "").lower() == "bytes"):
-            return Identity.of(head, int(length))
-        if head.status != HTTP_OK and head.status not in (405, 501):  # 405/501: no HEAD
-            raise CorefmtError(f"Could not open '{target.shown}': {_status(head)}")
-        probe = client.request("GET", target.url, {**target.headers, "Range": "bytes=0-0"},
-                               what)
-        _discard(probe)
-        answered = _content_range(probe)
-        if probe.status == HTTP_PARTIAL and answered is not None and answered[2] is not None:
-            return Identity.of(probe, answered[2])
-        if probe.status == HTTP_RANGE_NOT_SATISFIABLE and length == "0":
-            return Identity.of(head, 0)  # an empty object has no first byte
-        if probe.status == HTTP_OK:
-            raise CorefmtError(f"Could not open '{target.shown}': the server does not "
-                               "support range requests")
-        raise CorefmtError(f"Could not open '{target.shown}': {_status(probe)}")
+        return HttpStorage(target, client, _identify(target, client))
 
     def create(self, path: str) -> Storage:
-        raise CorefmtError(f"Could not create '{redact(path)}': {self.name} storage is "
-                           "read-only")
+        raise CorefmtError(f"Could not create '{self.target(path).shown}': {self.name} "
+                           "storage is read-only")
 
     def exists(self, path: str) -> bool:
         """False only when the server says so (404, 410): any other problem
         is left to ``open``, which reports it properly."""
-        target = _Target.parse(path)
+        target = self.target(path)
         try:
-            response = self.client().request("HEAD", target.url, target.headers, "open")
+            response = self.client().request("HEAD", target, target.headers, "open")
         except CorefmtError:
             return True
         _discard(response)
         return response.status not in (HTTP_NOT_FOUND, HTTP_GONE)
-
-    def resolve(self, path: str, relative_to: str | None) -> str:
-        """A relative name in a remote image is its sibling on the server."""
-        if urlsplit(path).scheme or not relative_to:
-            return path
-        return urljoin(relative_to, path)
 
     def close(self) -> None:
         with self._client_lock:
             if self._client is not None:
                 self._client.close()
                 self._client = None
+
+
+def _identify(target: Target, client: _Client) -> Identity:
+    """Size and version from a HEAD; a server whose HEAD says nothing of
+    ranges is asked for the first byte, and one without ranges refused."""
+    what = "open"
+    head = client.request("HEAD", target, target.headers, what)
+    _discard(head)
+    length = head.headers.get("Content-Length")
+    if (head.status == HTTP_OK and length is not None and length.isdigit()
+            and head.headers.get("Accept-Ranges", "").lower() == "bytes"):
+        return Identity.of(head, int(length))
+    if head.status != HTTP_OK and head.status not in (405, 501):  # 405/501: no HEAD
+        raise CorefmtError(f"Could not open '{target.shown}': {_status(head)}")
+    probe = client.request("GET", target, {**target.headers, "Range": "bytes=0-0"}, what)
+    _discard(probe)
+    answered = _content_range(probe)
+    if probe.status == HTTP_PARTIAL and answered is not None and answered[2] is not None:
+        return Identity.of(probe, answered[2])
+    if probe.status == HTTP_RANGE_NOT_SATISFIABLE and length == "0":
+        return Identity.of(head, 0)  # an empty object has no first byte
+    if probe.status == HTTP_OK:
+        raise CorefmtError(f"Could not open '{target.shown}': the server does not "
+                           "support range requests")
+    raise CorefmtError(f"Could not open '{target.shown}': {_status(probe)}")
+
+
+def _read_netrc() -> netrc.netrc | bool:
+    path = os.environ.get(ENV_NETRC) or os.path.expanduser(DEFAULT_NETRC)
+    if not os.path.exists(path):
+        return False
+    try:
+        return netrc.netrc(path)
+    except netrc.NetrcParseError as error:
+        raise CorefmtError(f"{path}: {error.msg} (line {error.lineno})") from None
+    except OSError as error:
+        raise CorefmtError(f"{path}: {error.strerror}") from None
+
+
+class HttpStorageDriver(RangedStorageDriver):
+    """``http://`` or ``https://`` (one driver each: an image on one may
+    name siblings on the same protocol, never silently on the other)."""
+
+    def __init__(self, scheme: str, settings: HttpSettings | None = None):
+        if scheme not in SCHEMES:
+            raise ValueError(f"not an http scheme: {scheme}")
+        super().__init__(settings)
+        self.name = scheme
+        self.prefix = f"{scheme}://"
+        #: The parsed netrc file (False: there is none), read on first need.
+        self._netrc: netrc.netrc | bool | None = None
+
+    def target(self, path: str) -> Target:
+        return Target.parse(path, self._netrc_login)
+
+    def _netrc_login(self, host: str) -> str | None:
+        """The login ``~/.netrc`` (or ``$NETRC``) has for ``host``, read once,
+        as curl --netrc and wget do."""
+        with self._client_lock:
+            if self._netrc is None:
+                self._netrc = _read_netrc()
+            entries = self._netrc
+        entry = entries.authenticators(host) if entries else None
+        return f"{entry[0]}:{entry[2] or ''}" if entry else None
+
+    def resolve(self, path: str, relative_to: str | None) -> str:
+        """A relative name in a remote image is its sibling on the server."""
+        if urlsplit(path).scheme or not relative_to:
+            return path
+        return urljoin(relative_to, path)

@@ -7,6 +7,7 @@ from corefmt.registry import Registry
 from corefmt.storage.file import FileStorageDriver
 from corefmt.storage.http import SCHEMES, HttpStorageDriver
 from corefmt.storage.memory import MemoryStorageDriver
+from corefmt.storage.s3 import S3StorageDriver
 from corefmt.storage.simulated import SimStorageDriver
 
 
@@ -17,3 +18,4 @@ def corefmt_register(registry: Registry) -> None:
     registry.add_storage(SimStorageDriver())
     for scheme in SCHEMES:
         registry.add_storage(HttpStorageDriver(scheme))
+    registry.add_storage(S3StorageDriver())

@@ -1,7 +1,9 @@
-"""Fixtures: nginx on loopback serving images made by qemu-img and corefmt."""
+"""Fixtures: nginx and Ceph's RADOS Gateway on loopback, serving images made
+by qemu-img and corefmt."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -11,10 +13,15 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import fill, run_cli
+from tests.remote.ceph import Rgw, ceph_available, ceph_rgw
 from tests.remote.servers import Nginx, nginx_binary, nginx_serving
 
 MiB = 1024 * 1024
 IMAGE_SIZE = 16 * MiB
+#: The images every remote test reads, made by _make_images.
+IMAGE_NAMES = ("disk.raw", "disk.qcow2", "disk.fvd", "disk-compact.fvd")
+#: The bucket the S3 tests read from.
+BUCKET = "images"
 #: (offset, length) runs written into the test images; the rest is unallocated.
 DATA_RUNS = ((0, MiB), (5 * MiB, 64 * 1024), (IMAGE_SIZE - 4096, 4096))
 
@@ -68,3 +75,46 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     _make_images(base / "root")
     with nginx_serving(base) as nginx:
         yield Served(nginx)
+
+
+@dataclass
+class S3Served:
+    """The RADOS Gateway and the images in its bucket (the same files are
+    kept locally to compare with)."""
+
+    rgw: Rgw
+    root: Path
+    bucket: str = BUCKET
+
+    def url(self, name: str) -> str:
+        return f"s3://{self.bucket}/{name}"
+
+    def local(self, name: str) -> Path:
+        return self.root / name
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """The CLI's environment: the user's keys and the endpoint, and none
+        of the AWS settings of whoever runs the tests."""
+        clean = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
+        return {**clean, "AWS_CONFIG_FILE": os.devnull,
+                "AWS_SHARED_CREDENTIALS_FILE": os.devnull, **self.rgw.env(), **extra}
+
+
+@pytest.fixture(scope="session")
+def s3_served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Served]:
+    """One cluster per test worker (the S3 tests share an xdist group, so
+    they run on one worker and start one cluster in all)."""
+    reason = ceph_available()
+    if reason is not None:
+        pytest.skip(reason)
+    if shutil.which("qemu-img") is None:
+        pytest.skip("qemu-img not installed (Debian: apt-get install qemu-utils)")
+    base = tmp_path_factory.mktemp("s3")
+    root = base / "root"
+    root.mkdir()
+    _make_images(root)
+    with ceph_rgw(base / "ceph") as rgw:
+        rgw.create_bucket(BUCKET)
+        for name in IMAGE_NAMES:
+            rgw.put(BUCKET, name, root / name)
+        yield S3Served(rgw, root)

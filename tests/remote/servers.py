@@ -70,7 +70,7 @@ http {{
     server {{
         listen {host}:{port};
         root {root};
-    }}
+{limit}    }}
 {tls}}}
 """
 #: A second server block for https, when the fixture made a certificate.
@@ -109,6 +109,9 @@ class Nginx:
     #: The https port, when ``certificate`` (certificate, key) is given.
     certificate: tuple[Path, Path] | None = None
     tls_port: int = 0
+    #: nginx's ``limit_rate`` for each answer on the http port (``"32m"``: bytes
+    #: per second), so that a long transfer can be caught in the middle.
+    limit_rate: str | None = None
     process: subprocess.Popen | None = None
 
     def url(self, name: str) -> str:
@@ -117,14 +120,16 @@ class Nginx:
     def tls_url(self, name: str) -> str:
         return f"https://{LOOPBACK}:{self.tls_port}/{name}"
 
-    def start(self) -> None:
+    def start(self, port: int | None = None) -> None:
+        """Listen on ``port`` (a restart passes the one it had, so URLs
+        recorded in images stay valid), else on a free one."""
         binary = nginx_binary()
         assert binary is not None
         # As root, workers would switch to "nobody", who cannot enter pytest's
         # private temp dirs: they run as the current user instead.
         user = (f"user {pwd.getpwuid(os.geteuid()).pw_name} {grp.getgrgid(os.getegid()).gr_name};"
                 if os.geteuid() == 0 else "")
-        self.port = _free_port()
+        self.port = port or _free_port()
         tls = ""
         if self.certificate is not None:
             self.tls_port = _free_port()
@@ -133,7 +138,9 @@ class Nginx:
                                           key=self.certificate[1])
         conf = self.prefix / "nginx.conf"
         conf.write_text(NGINX_CONF.format(user=user, prefix=self.prefix, host=LOOPBACK,
-                                          port=self.port, root=self.root, tls=tls))
+                                          port=self.port, root=self.root, tls=tls,
+                                          limit=(f"        limit_rate {self.limit_rate};\n"
+                                                 if self.limit_rate else "")))
         log = self.prefix / "error.log"
         self.process = subprocess.Popen(
             [binary, "-p", str(self.prefix), "-e", str(log), "-c", str(conf)],

@@ -16,6 +16,7 @@ from corefmt import (
     OptionError,
     Storage,
 )
+from corefmt_fvd.base_version import RECORD_OFFSET, pack_record
 from corefmt_fvd.create import plan_header, search_holes
 from corefmt_fvd.image import FvdImage
 from corefmt_fvd.layout import (
@@ -80,6 +81,9 @@ class FvdDriver(FormatDriver):
         # header, whose first sector (the magic) goes last.
         header.clean_shutdown = TRUE
         region = header.pack_region()
+        if backing is not None and backing.identity:
+            record = pack_record(header.base_img, backing.identity)
+            region = region[:RECORD_OFFSET] + record + region[RECORD_OFFSET + len(record):]
         storage.truncate(0)
         storage.flush()
         if header.bitmap_size:

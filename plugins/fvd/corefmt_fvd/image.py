@@ -49,6 +49,7 @@ from corefmt import (
 )
 from corefmt.fills import FillPolicy
 from corefmt_fvd import events
+from corefmt_fvd.base_version import read_record, write_record
 from corefmt_fvd.bitmap import FvdBitmap
 from corefmt_fvd.header import unpack_header
 from corefmt_fvd.journal import Journal, bitmap_records, pack_records, replay_records, table_records
@@ -85,7 +86,8 @@ class FvdImage(Image):
         self.virtual_size = header.virtual_disk_size
         self.base_size = header.base_img_size if header.has_bitmap else 0
         if header.has_bitmap:
-            self.backing = BackingRef(header.base_img, header.base_img_fmt or None)
+            self.backing = BackingRef(header.base_img, header.base_img_fmt or None,
+                                      read_record(storage, header.base_img))
         options = context.options
         self.commit_mode = getattr(options, "journal_commit", COMMIT_AT_FLUSH)
         self.allow_add_storage_cmd = bool(getattr(options, "allow_add_storage_cmd", False))
@@ -696,6 +698,9 @@ class FvdImage(Image):
         fmt = (reference.format or "") if reference is not None else ""
         with self.lock:
             amend_image(self, None, backing=(path, fmt))
+            identity = reference.identity if reference is not None else None
+            if self.header.has_bitmap and (identity or read_record(self.storage, path)):
+                write_record(self.storage, path, identity)
             self.backing = reference if self.header.has_bitmap else None
 
     def write_header(self) -> None:

@@ -47,6 +47,7 @@ def set_backing(image: Qcow2Image, reference: BackingRef | None) -> None:
     header.backing_file = path or None
     fmt = reference.format if reference is not None else None
     header.set_extension(EXT_BACKING_FORMAT, fmt.encode() if path and fmt else None)
+    header.set_backing_identity(reference.identity if reference is not None else None)
     try:
         header.pack(image.cluster_size)
     except ValueError:

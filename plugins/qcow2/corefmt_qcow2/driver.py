@@ -152,6 +152,7 @@ def new_header(options: Qcow2CreateOptions, backing: BackingRef | None) -> Heade
         header.backing_file = backing.path
         if backing.format:
             header.set_extension(EXT_BACKING_FORMAT, backing.format.encode())
+        header.set_backing_identity(backing.identity)
     return header
 
 

@@ -123,7 +123,8 @@ class Qcow2Image(BitmapMethods, Image):
                              "qcow2: Image is corrupt; cannot be opened read/write")
         self.corrupt = bool(header.incompatible_features & INCOMPAT_CORRUPT)
         if header.backing_file:
-            self.backing = BackingRef(header.backing_file, header.backing_format)
+            self.backing = BackingRef(header.backing_file, header.backing_format,
+                                      header.backing_identity)
         options = context.options
         self.data: Storage = storage
         self.data_child = "file"

@@ -60,6 +60,11 @@ EXT_FEATURE_TABLE = 0x6803F857
 EXT_BITMAPS = 0x23852875
 EXT_CRYPTO = 0x0537BE77
 EXT_DATA_FILE = 0x44415441
+#: corefmt's own extension (the spec lets readers ignore unknown ones, and
+#: qemu keeps them when it rewrites the header): the backing name it was
+#: written for, a NUL, and the remote backing's version (``BackingRef.identity``).
+#: A record whose name is not the current backing name is stale and ignored.
+EXT_BACKING_IDENTITY = 0x43464249  # "CFBI"
 EXTENSION_HEADER = struct.Struct(">II")
 EXTENSION_ALIGNMENT = 8
 
@@ -195,6 +200,24 @@ class Header:
         return extension.data.decode("utf-8", "replace") if extension else None
 
     @property
+    def backing_identity(self) -> str | None:
+        """The recorded version of the backing, if recorded for its current name."""
+        extension = self.extension(EXT_BACKING_IDENTITY)
+        if extension is None or self.backing_file is None:
+            return None
+        name, separator, identity = extension.data.partition(b"\0")
+        if not separator or name != self.backing_file.encode():
+            return None
+        return identity.decode("utf-8", "replace")
+
+    def set_backing_identity(self, identity: str | None) -> None:
+        """Record ``identity`` for the current backing name (None: no record)."""
+        data = None
+        if identity is not None and self.backing_file:
+            data = self.backing_file.encode() + b"\0" + identity.encode()
+        self.set_extension(EXT_BACKING_IDENTITY, data)
+
+    @property
     def data_file(self) -> str | None:
         extension = self.extension(EXT_DATA_FILE)
         return extension.data.decode("utf-8", "replace") if extension else None
@@ -207,10 +230,13 @@ class Header:
         ``backing_file_offset`` and ``backing_file_size`` are set here.
         """
         packed = self._pack(self.extensions)
-        if cluster_size is not None and len(packed) > cluster_size:
-            # As qemu: the feature name table is left out where it does not fit.
+        # As qemu, the feature name table is left out where it does not fit;
+        # so is corefmt's backing version record (the image works without it).
+        for optional in ((EXT_FEATURE_TABLE,), (EXT_FEATURE_TABLE, EXT_BACKING_IDENTITY)):
+            if cluster_size is None or len(packed) <= cluster_size:
+                break
             packed = self._pack([extension for extension in self.extensions
-                                 if extension.type != EXT_FEATURE_TABLE])
+                                 if extension.type not in optional])
         if cluster_size is not None and len(packed) > cluster_size:
             raise ValueError("header, extensions and backing name do not fit in one cluster")
         return packed
