@@ -37,6 +37,9 @@ def add_stress_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="create options of the image under test (key=value,...)")
     parser.add_argument("--base", help="also test a chain: the base image's format, or a "
                                        "chain of them bottom first (e.g. raw,qcow2)")
+    parser.add_argument("--remote-base", metavar="URL",
+                        help="the chain's bottom layer is this existing image on a server "
+                             "(http(s):// or s3://; its format is --base's first), read-only")
     parser.add_argument("--seeds", type=int, default=DEFAULT_SEEDS,
                         help=f"how many seeds to run (default {DEFAULT_SEEDS})")
     parser.add_argument("--first-seed", type=int, default=0, help="first seed (default 0)")
@@ -97,6 +100,8 @@ def _config(args: argparse.Namespace) -> StressConfig:
         driver = registry.format(name)
         if depth > 0 and not driver.supports_backing:
             raise OptionError(f"Format {name} does not support backing files")
+    if args.remote_base and args.matrix:
+        raise OptionError("--remote-base tests one chain: use it with --format, not --matrix")
     if args.matrix and args.options:
         raise OptionError("-o applies to one format: use it with --format, not --matrix")
     if (args.only or args.skip or args.spread) and not args.matrix:
@@ -110,7 +115,8 @@ def _config(args: argparse.Namespace) -> StressConfig:
                           crash=args.crash, errors=args.errors, copy_on_read=args.copy_on_read,
                           prefetch=args.prefetch, delays=args.delays, options=options,
                           real_files=args.real_files, direct=args.direct,
-                          compressed=args.compressed, snapshots=args.snapshots)
+                          compressed=args.compressed, snapshots=args.snapshots,
+                          remote_base=args.remote_base)
     check_config(config)
     return config
 

@@ -154,6 +154,10 @@ class StressConfig:
     compressed: bool = True
     #: Lone snapshot creates and deletes, where the image has internal snapshots.
     snapshots: bool = True
+    #: The chain's bottom layer is this existing read-only image (an
+    #: ``http(s)://`` or ``s3://`` name; its format is ``base``'s first):
+    #: it is read, never created, filled or faulted.
+    remote_base: str | None = None
 
 
 @attrs.define
@@ -304,6 +308,12 @@ def _fill_base(rng: random.Random, path: str, format: str, size: int, direct: bo
     return bytes(content)
 
 
+def _read_remote(path: str, format: str, size: int) -> bytes:
+    """What the remote base shows in the first ``size`` bytes (zeros past its end)."""
+    with corefmt.open(path, format, read_only=True) as base:
+        return base.read(0, min(size, base.virtual_size)).ljust(size, b"\0")
+
+
 def _unused_directory(sim: SimStorageDriver, prefix: str) -> str:
     """``prefix/``, unless another run uses it now: names show up in messages,
     so they must not change from one replay to the next. A seed's disks are
@@ -336,6 +346,8 @@ class _SeedRun:
         self.base_formats = base_formats(config)
         self.base_paths = [f"{self.prefix}-base{depth}"
                            for depth in range(len(self.base_formats))]
+        if config.remote_base is not None:
+            self.base_paths[0] = config.remote_base
         #: What each lower layer's disk held when the workload started.
         self.lower_content: dict[str, bytes] = {}
         self.prefetching = config.prefetch and bool(self.base_formats)
@@ -360,7 +372,14 @@ class _SeedRun:
         return failed and any(disk.dead for disk in disks)
 
     def _open(self, path: str, format: str, **options: bool | str) -> BlockNode:
-        return corefmt.open(path, format, direct=self.config.direct, **options)
+        return corefmt.open(path, format, direct=self.config.direct,
+                            allow_protocols=self.allowed, **options)
+
+    @property
+    def allowed(self) -> list[str]:
+        """The remote base's protocol, which the layers above name."""
+        remote = self.config.remote_base
+        return [remote.split("://", 1)[0]] if remote else []
 
     # -- the run ----------------------------------------------------------------------
     def run(self) -> SeedResult:
@@ -451,6 +470,11 @@ class _SeedRun:
         contents: list[bytes] = []
         below: tuple[str, str] | None = None  # (path, format) of the layer below
         for path, format in zip(self.base_paths, self.base_formats, strict=True):
+            if path == config.remote_base:
+                initial = _read_remote(path, format, config.size)
+                contents.append(initial)
+                below = (path, format)
+                continue
             if below is None:
                 corefmt.create(path, format, config.size)
             else:
@@ -470,7 +494,7 @@ class _SeedRun:
             disk.sync()  # a finished create is durable; the test starts here
             disk.alignment = alignment
         for path in self.base_paths:
-            if not config.real_files:
+            if not config.real_files and path != config.remote_base:
                 self.lower_content[path] = bytes(self.sim.disk(path).current)
         return initial, contents
 
@@ -628,7 +652,7 @@ class _SeedRun:
 
     def _judge_created(self, path: str, format: str, expected: bytes, what: str) -> None:
         try:
-            node = corefmt.open(path, format)
+            node = corefmt.open(path, format, allow_protocols=self.allowed)
         except CorefmtError as error:
             if "\n" in str(error):
                 self._failure(f"{what}: the refusal is not one line: {error!r}")
@@ -811,6 +835,8 @@ def check_config(config: StressConfig) -> None:
                           "no --crash or --errors (they need simulated storage)")
     if config.direct and not config.real_files:
         raise OptionError("--direct applies to --real-files")
+    if config.remote_base is not None and not config.base:
+        raise OptionError("--remote-base needs --base naming its format (e.g. --base qcow2)")
 
 
 def run_seed(config: StressConfig, seed: int) -> SeedResult:
