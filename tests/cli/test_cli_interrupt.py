@@ -6,9 +6,12 @@ import subprocess
 import sys
 
 #: Sends SIGINT to itself when the CLI module starts importing: the moment a
-#: user's Ctrl-C lands in the first tens of milliseconds.
+#: user's Ctrl-C lands in the first tens of milliseconds. Python's own
+#: SIGINT handler first, as an interactive shell gives it: run as a shell's
+#: background job (``cmd &``), the tests would inherit SIGINT ignored.
 INTERRUPT_DURING_IMPORT = """
 import builtins, os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
 real_import = builtins.__import__
 def interrupting_import(name, *args, **kwargs):
     if name == "corefmt.cli.main":
