@@ -68,7 +68,8 @@ _CHILD_ENV = {key: value for key, value in os.environ.items()
               if key != "PYTHONDONTWRITEBYTECODE"}
 
 
-def run_child(argv: Sequence[str], *, stdin_text: str | None = None) -> Child:
+def run_child(argv: Sequence[str], *, stdin_text: str | None = None,
+              env: dict[str, str] | None = None) -> Child:
     """Run ``argv``; wall time, CPU time (user + system), peak RSS (bytes)
     and output of that child alone.
 
@@ -81,6 +82,7 @@ def run_child(argv: Sequence[str], *, stdin_text: str | None = None) -> Child:
     runs under GNU time (``/usr/bin/time -f %M``) when it is installed:
     time forks it from its own 1 MiB process and reports its peak. Without
     GNU time the figure is wait4's, and rss_method() prints its floor.
+    ``env`` adds to (or overrides) the environment the child inherits.
 
     Output goes to temporary files, not pipes, so a chatty child never
     blocks on a full pipe while this process waits in wait4.
@@ -97,7 +99,8 @@ def run_child(argv: Sequence[str], *, stdin_text: str | None = None) -> Child:
         wrapped = [GNU_TIME, "-q", "-f", "%M", "-o", rss.name, *argv] if USE_GNU_TIME \
             else list(argv)
         started = time.perf_counter()
-        process = subprocess.Popen(wrapped, stdin=inp, stdout=out, stderr=err, env=_CHILD_ENV)
+        process = subprocess.Popen(wrapped, stdin=inp, stdout=out, stderr=err,
+                                   env={**_CHILD_ENV, **(env or {})})
         _, status, usage = os.wait4(process.pid, 0)
         seconds = time.perf_counter() - started
         process.returncode = os.waitstatus_to_exitcode(status)  # reaped: tell Popen
