@@ -61,7 +61,7 @@ CHILD_BACKING = "backing"
 class BackingRef:
     """A backing image reference: always a path plus (where recorded) a format.
 
-    ``identity`` is the version of a remote backing (``Storage.identity()``)
+    ``identity`` is the version of a remote backing (``Storage.version_token()``)
     when the reference was made: the core refuses the backing once it is
     another version. Formats that cannot record it leave it None (no check).
     """

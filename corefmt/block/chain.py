@@ -354,14 +354,15 @@ class GraphBuilder:
 
     def check_name_from_image(self, name: str, holder: BlockNode, what: str) -> None:
         """A name read from an image is untrusted: it may name a local file, or
-        a store of the protocol the image itself is on (a remote image's
-        siblings); any other protocol, or a ``json:`` graph, only if the user
-        allowed it (``--allow-protocol``)."""
+        a sibling on the store the image itself is on (the same bucket, the
+        same server); any other protocol, place or a ``json:`` graph only if
+        the user allowed the protocol (``--allow-protocol``)."""
         if is_json_filename(name):
             protocol = "json"
         else:
             driver = self.registry.storage_for(name)
-            if driver.name == "file" or driver is self.registry.storage_for(holder.filename):
+            if driver.name == "file" or (driver is self.registry.storage_for(holder.filename)
+                                         and _is_sibling(driver, name, holder.filename)):
                 return
             protocol = driver.name
         if protocol not in self.allow_protocols:
@@ -408,11 +409,18 @@ class GraphBuilder:
         return below
 
 
+def _is_sibling(driver: Any, name: str, holder: str) -> bool:
+    """Whether ``name`` stays beside ``holder`` on its store (the driver's
+    optional ``is_sibling``; without it, anything on the same driver)."""
+    check = getattr(driver, "is_sibling", None)
+    return bool(check(name, holder)) if callable(check) else True
+
+
 def version_of(node: BlockNode) -> str | None:
-    """The version (``Storage.identity``) of the store under ``node``'s
+    """The version (``Storage.version_token``) of the store under ``node``'s
     top layer, for a backing reference to record; None for local files."""
-    storage = getattr(node.layer(), "storage", None)
-    return storage.identity() if isinstance(storage, Storage) else None
+    token = getattr(getattr(node.layer(), "storage", None), "version_token", None)
+    return token() if callable(token) else None
 
 
 def open_graph(image: str | Mapping[str, Any], format: str | None = None, *,

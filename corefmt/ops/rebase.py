@@ -23,7 +23,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any
 
 from corefmt import plugins
-from corefmt.block.chain import open_chain, version_of
+from corefmt.block.chain import open_chain, printable, version_of
 from corefmt.block.node import BlockNode
 from corefmt.buffers import same_bytes, zero_bytes
 from corefmt.driver import supports
@@ -280,8 +280,8 @@ def rebase(image: str | Mapping[str, Any], backing: str | None,
                              registry=registry, allow_protocols=allow_protocols,
                              force_share=force_share)
         except CorefmtError as error:
-            raise RebaseError(f"Could not open new backing file '{backing}': "
-                              f"{_opening_error(target, error)}") from None
+            raise RebaseError(f"Could not open new backing file '{printable(backing)}': "
+                              f"{_opening_error(printable(target), error)}") from None
         with new:
             return rebase_node(node, new, backing, backing_format, compress=compress,
                                progress=progress)
@@ -297,10 +297,10 @@ def _remote_version(target: str, registry: Registry) -> str | None:
         return None
     try:
         storage = driver.open(target, read_only=True)
-    except CorefmtError:
+    except Exception:  # unreachable, refused, unsigned: -u goes on without it
         return None
     try:
-        return storage.identity()
+        return storage.version_token()
     finally:
         storage.close()
 

@@ -50,7 +50,7 @@ class Storage(abc.ABC):
         """Release the store; the object is unusable afterwards."""
 
     # -- optional, with generic fallbacks ----------------------------------
-    def identity(self) -> str | None:
+    def version_token(self) -> str | None:
         """What names this version of a store that others may replace (a
         remote object's size and ETag): overlays record it and every later
         open compares it. None where changes are the user's own (local files)."""
@@ -59,7 +59,7 @@ class Storage(abc.ABC):
     def changed_since(self, recorded: str) -> str | None:
         """How this store differs from the version ``recorded`` by
         ``identity()``, or None when it is that version (or cannot tell)."""
-        current = self.identity()
+        current = self.version_token()
         if current is None or current == recorded:
             return None
         return f"{recorded} became {current}"
@@ -210,3 +210,10 @@ class StorageDriver(abc.ABC):
     def resolve(self, path: str, relative_to: str | None) -> str:
         """Where a backing reference recorded in ``relative_to`` points."""
         return path
+
+    def is_sibling(self, path: str, holder: str) -> bool:
+        """Whether an image at ``holder`` may name ``path`` (on this store)
+        without the user allowing the protocol: a remote store says yes only
+        for the same bucket or server, so an image cannot make corefmt read
+        elsewhere with the user's credentials."""
+        return True

@@ -217,7 +217,7 @@ class Identity:
         return self.last_modified
 
     def to_text(self) -> str:
-        """The form overlays record (``Storage.identity``)."""
+        """The form overlays record (``Storage.version_token``)."""
         fields = {"size": self.size, "etag": self.etag, "last-modified": self.last_modified}
         return json.dumps({key: value for key, value in fields.items() if value is not None},
                           sort_keys=True, separators=(",", ":"))
@@ -313,7 +313,7 @@ class HttpStorage(Storage):
     def size(self) -> int:
         return self.version.size
 
-    def identity(self) -> str | None:
+    def version_token(self) -> str | None:
         return self.version.to_text()
 
     def changed_since(self, recorded: str) -> str | None:
@@ -532,8 +532,20 @@ class HttpStorageDriver(RangedStorageDriver):
             if self._netrc is None:
                 self._netrc = _read_netrc()
             entries = self._netrc
-        entry = entries.authenticators(host) if entries else None
+        # the host's own entry only: a "default" login would go to any server
+        entry = entries.hosts.get(host) if isinstance(entries, netrc.netrc) else None
         return f"{entry[0]}:{entry[2] or ''}" if entry else None
+
+    def is_sibling(self, path: str, holder: str) -> bool:
+        """The same server (scheme, host and port)."""
+        def place(url: str) -> tuple[str, str | None, int | None]:
+            parts = urlsplit(url)
+            return parts.scheme, parts.hostname, parts.port
+
+        try:
+            return place(path) == place(holder)
+        except ValueError:  # a malformed port
+            return False
 
     def resolve(self, path: str, relative_to: str | None) -> str:
         """A relative name in a remote image is its sibling on the server."""

@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 from corefmt import sync
+from corefmt.credentials import without_credentials
 from corefmt.errors import CorefmtError
 from corefmt.storage.http import HttpSettings, RangedStorageDriver, Target
 
@@ -41,11 +42,12 @@ OPERATIONS = {"GET": "get_object", "HEAD": "head_object"}
 
 def parse(path: str) -> tuple[str, str]:
     """``s3://bucket/key`` as (bucket, key); anything else is refused."""
+    shown = without_credentials(path)
     if not path.startswith(PREFIX):
-        raise CorefmtError(f"'{path}' is not an s3:// name")
+        raise CorefmtError(f"'{shown}' is not an s3:// name")
     bucket, _, key = path[len(PREFIX):].partition("/")
     if not BUCKET_NAME.match(bucket) or not key:
-        raise CorefmtError(f"'{path}' is not an s3://BUCKET/KEY name")
+        raise CorefmtError(f"'{shown}' is not an s3://BUCKET/KEY name")
     return bucket, key
 
 
@@ -80,9 +82,14 @@ class _Signer:
             raise CorefmtError(f"s3:// storage: {error}") from None
 
     def presign(self, method: str, bucket: str, key: str) -> str:
-        return self.client().generate_presigned_url(
-            OPERATIONS[method], Params={"Bucket": bucket, "Key": key},
-            ExpiresIn=PRESIGN_SECONDS, HttpMethod=method)
+        client = self.client()
+        try:
+            return client.generate_presigned_url(
+                OPERATIONS[method], Params={"Bucket": bucket, "Key": key},
+                ExpiresIn=PRESIGN_SECONDS, HttpMethod=method)
+        except Exception as error:  # botocore's: credentials that failed to refresh, ...
+            raise CorefmtError(f"{PREFIX}{bucket}/{key}: signing the request failed: "
+                               f"{error}") from None
 
 
 class S3Target(Target):
@@ -97,7 +104,7 @@ class S3Target(Target):
         self._lock = sync.Lock()
 
     def wire(self, method: str) -> str:
-        now = time.monotonic()
+        now = time.time()  # wall time: a URL expires by it, suspended or not
         with self._lock:
             signed = self._signed.get(method)
             if signed is None or now - signed[0] > RENEW_SECONDS:
@@ -119,6 +126,13 @@ class S3StorageDriver(RangedStorageDriver):
     def target(self, path: str) -> Target:
         bucket, key = parse(path)
         return S3Target(bucket, key, self._signer)
+
+    def is_sibling(self, path: str, holder: str) -> bool:
+        """The same bucket."""
+        try:
+            return parse(path)[0] == parse(holder)[0]
+        except CorefmtError:
+            return False
 
     def resolve(self, path: str, relative_to: str | None) -> str:
         """A relative name in a remote image is a key beside it in the same

@@ -107,6 +107,25 @@ def test_a_remote_image_reaches_its_sibling_without_permission(served: Served):
     assert chain[1]["filename"] == served.url("disk.qcow2")
 
 
+def test_a_remote_image_may_not_name_another_server_unasked(served: Served):
+    """Only the same server (scheme, host, port) is a sibling: an image may
+    not make corefmt fetch from elsewhere (with the user's netrc login)."""
+    if served.nginx.certificate is None:
+        pytest.skip("openssl not installed: no second (https) port")
+    elsewhere = served.nginx.url("disk.qcow2").replace(str(served.nginx.port),
+                                                        str(served.nginx.port + 1))
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", "-u", "-b", elsewhere, "-F", "qcow2",
+                    str(served.local("elsewhere.qcow2")), "16M"], check=True,
+                   capture_output=True)
+    same = served.url("disk.qcow2")
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", "-u", "-b", same, "-F", "qcow2",
+                    str(served.local("same.qcow2")), "16M"], check=True, capture_output=True)
+    base = str(served.local("disk.qcow2"))
+    assert run_cli("compare", served.url("same.qcow2"), base).returncode == 0
+    line = _one_line(run_cli("map", served.url("elsewhere.qcow2")))
+    assert "'http' protocol" in line and "--allow-protocol http" in line
+
+
 def test_a_missing_object_is_one_line_naming_the_url_without_credentials(served: Served):
     url = served.url("missing.qcow2")
     with_password = url.replace("http://", "http://alice:s3cret@")

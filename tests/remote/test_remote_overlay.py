@@ -543,7 +543,10 @@ def test_a_base_recorded_without_credentials_logs_in_from_netrc(
         netrc = tmp_path / "netrc"
         netrc.write_text(f"machine 127.0.0.1 login alice password {SECRET}\n")
         netrc.chmod(0o600)
+        default_only = tmp_path / "netrc-default"  # a default login goes to no server
+        default_only.write_text(f"default login alice password {SECRET}\n")
         for env, sent in (({"NETRC": str(tmp_path / "none")}, False),
+                          ({"NETRC": str(default_only)}, False),
                           ({"NETRC": str(netrc)}, True)):
             relay.sent = bytearray()
             _identical(str(overlay), str(served.local("disk.raw")), *ALLOW, env=_env(env))

@@ -213,3 +213,19 @@ def test_a_prefetched_fvd_overlay_no_longer_needs_the_store(s3_served: S3Served,
         assert compared.returncode == 0 and "identical" in compared.stdout, compared.stderr
     finally:
         s3_served.rgw.start_rgw()
+
+
+def test_an_object_may_not_name_another_bucket_unasked(s3_served: S3Served, tmp_path: Path):
+    """A bucket's image reaching into another bucket would read it with the
+    user's keys: that needs --allow-protocol s3, as any remote name does."""
+    s3_served.rgw.create_bucket("private")
+    s3_served.rgw.put("private", "disk.qcow2", s3_served.local("disk.qcow2"))
+    pointer = tmp_path / "pointer.qcow2"
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", "-u", "-b", "s3://private/disk.qcow2",
+                    "-F", "qcow2", str(pointer), "16M"], check=True, capture_output=True)
+    s3_served.rgw.put(s3_served.bucket, "pointer.qcow2", pointer)
+    env, reference = s3_served.env(), str(s3_served.local("disk.qcow2"))
+    line = _one_line(run_cli("compare", s3_served.url("pointer.qcow2"), reference, env=env))
+    assert "'s3' protocol" in line and "--allow-protocol s3" in line
+    allowed = run_cli("compare", *ALLOW, s3_served.url("pointer.qcow2"), reference, env=env)
+    assert allowed.returncode == 0, allowed.stderr

@@ -10,7 +10,7 @@ the header's ``base_img``.
 
     offset 4336  u32  magic 0x43464249 ("CFBI")
            4340  u32  length of what follows
-           4344  ...  base name (UTF-8), NUL, version (``Storage.identity``)
+           4344  ...  base name (UTF-8), NUL, version (``Storage.version_token``)
 """
 
 from __future__ import annotations
