@@ -16,6 +16,7 @@ the ``Target`` (messages, node names and ``info`` show ``s3://BUCKET/KEY``).
 
 from __future__ import annotations
 
+import logging
 import posixpath
 import re
 import time
@@ -49,6 +50,26 @@ def parse(path: str) -> tuple[str, str]:
     if not BUCKET_NAME.match(bucket) or not key:
         raise CorefmtError(f"'{shown}' is not an s3://BUCKET/KEY name")
     return bucket, key
+
+
+#: urllib3 logs each request's path and query at DEBUG: a presigned one
+#: carries the access key id and a signature.
+URLLIB3_LOGGER = "urllib3.connectionpool"
+PRESIGNED_QUERY = re.compile(r"\?[^ \"]*X-Amz-[^ \"]*")
+
+
+class _PresignedQueryFilter(logging.Filter):
+    """Keeps presigned queries out of urllib3's log lines (an API user who
+    turns on debug logging must not capture keys)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any("X-Amz-" in str(arg) for arg in record.args):
+            record.args = tuple(PRESIGNED_QUERY.sub("?(presigned)", str(arg))
+                                if isinstance(arg, str) else arg for arg in record.args)
+        return True
+
+
+_QUERY_FILTER = _PresignedQueryFilter()
 
 
 class _Signer:
@@ -122,6 +143,9 @@ class S3StorageDriver(RangedStorageDriver):
     def __init__(self, settings: HttpSettings | None = None):
         super().__init__(settings)
         self._signer = _Signer()
+        logger = logging.getLogger(URLLIB3_LOGGER)
+        if _QUERY_FILTER not in logger.filters:
+            logger.addFilter(_QUERY_FILTER)
 
     def target(self, path: str) -> Target:
         bucket, key = parse(path)

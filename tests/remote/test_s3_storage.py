@@ -9,6 +9,7 @@ message.
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 from pathlib import Path
 
@@ -229,3 +230,19 @@ def test_an_object_may_not_name_another_bucket_unasked(s3_served: S3Served, tmp_
     assert "'s3' protocol" in line and "--allow-protocol s3" in line
     allowed = run_cli("compare", *ALLOW, s3_served.url("pointer.qcow2"), reference, env=env)
     assert allowed.returncode == 0, allowed.stderr
+
+
+def test_debug_logging_never_shows_a_presigned_query(s3_served: S3Served,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture):
+    for key, value in s3_served.env().items():
+        monkeypatch.setenv(key, value)
+    driver = S3StorageDriver()
+    with caplog.at_level(logging.DEBUG, logger="urllib3"):
+        storage = driver.open(s3_served.url("disk.raw"), read_only=True)
+        storage.read(0, 4096)
+        storage.close()
+    driver.close()
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "/images/disk.raw?(presigned)" in logged
+    _no_secrets(logged, s3_served)
