@@ -12,12 +12,14 @@ import re
 
 #: A URL's scheme and its userinfo part (up to the last "@" before the path).
 _USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
-
-
-def has_credentials(name: str) -> bool:
-    return _USERINFO.match(name) is not None
+#: The same inside a ``json:{...}`` name, where URLs are JSON strings.
+_QUOTED_USERINFO = re.compile(r'("[A-Za-z][A-Za-z0-9+.-]*://)[^/?#"]*@')
+JSON_PREFIX = "json:"
 
 
 def without_credentials(name: str) -> str:
-    """``name`` with a URL's ``user:password@`` left out (other names as they are)."""
+    """``name`` with a URL's ``user:password@`` left out, also the URLs in a
+    ``json:`` name (other names as they are)."""
+    if name.startswith(JSON_PREFIX):
+        return _QUOTED_USERINFO.sub(r"\1", name)
     return _USERINFO.sub(r"\1", name, count=1)

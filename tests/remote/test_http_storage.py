@@ -298,3 +298,16 @@ def test_relative_names_resolve_next_to_the_image():
     assert driver.resolve("base.qcow2", top) == "https://host:8443/images/base.qcow2"
     assert driver.resolve("../b.raw", top) == "https://host:8443/b.raw"
     assert driver.resolve("http://other/x", top) == "http://other/x"
+
+
+def test_credentials_in_a_json_backing_name_stay_out_of_the_image(served: Served,
+                                                                  tmp_path: Path):
+    spec = {"driver": "qcow2",
+            "file": served.url("disk.qcow2").replace("http://", "http://alice:s3cret@")}
+    overlay = tmp_path / "overlay.qcow2"
+    created = run_cli("create", "-f", "qcow2", "-b", "json:" + json.dumps(spec), "-F", "qcow2",
+                      str(overlay))
+    assert created.returncode == 0, created.stderr
+    assert "s3cret" not in created.stdout
+    assert b"s3cret" not in overlay.read_bytes()
+    assert "s3cret" not in run_cli("info", str(overlay), check=True).stdout
