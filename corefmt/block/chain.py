@@ -376,6 +376,7 @@ class GraphBuilder:
         self.check_name_from_image(reference.path, node, "backing file name")
         if is_json_filename(reference.path):
             below = self.open(to_spec(reference.path, reference.format), read_only=True)
+            _refuse_another_version(reference, below, node)
             return below  # type: ignore[return-value]
         target = self.registry.resolve(reference.path, node.filename)
         if _identity(target) in seen:
@@ -397,16 +398,25 @@ class GraphBuilder:
             raise BackingChainError(
                 f"Could not open backing file '{printable(target)}' of '{node.filename}': "
                 f"{error}") from error
-        if reference.identity is not None:
-            change = below.storage.changed_since(reference.identity)
-            if change is not None:
-                below.close()
-                raise BackingChainError(
-                    f"Could not open backing file '{below.filename}' of '{node.filename}': "
-                    f"it changed since the image was made over it ({change}); refusing to "
-                    "mix its versions")
+        _refuse_another_version(reference, below, node)
         seen.add(_identity(target))
         return below
+
+
+def _refuse_another_version(reference: BackingRef, below: BlockNode, node: BlockNode) -> None:
+    """A backing whose store is no longer the version the image recorded is
+    closed and refused, before anything is read from it."""
+    if reference.identity is None:
+        return
+    storage = getattr(below.layer(), "storage", None)
+    changed_since = getattr(storage, "changed_since", None)
+    change = changed_since(reference.identity) if callable(changed_since) else None
+    if change is not None:
+        below.close()
+        raise BackingChainError(
+            f"Could not open backing file '{below.filename}' of '{node.filename}': "
+            f"it changed since the image was made over it ({change}); refusing to "
+            "mix its versions")
 
 
 def _is_sibling(driver: Any, name: str, holder: str) -> bool:

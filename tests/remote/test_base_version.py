@@ -119,3 +119,15 @@ def test_qemu_keeps_the_record_and_a_renamed_base_makes_it_stale(served: Served,
                     "qcow2", str(overlay)], check=True, capture_output=True)
     mapped = run_cli("map", "--output=json", str(overlay))
     assert mapped.returncode == 0 and json.loads(mapped.stdout), mapped.stderr
+
+
+def test_a_json_backing_is_checked_too(served: Served, tmp_path: Path):
+    name = "base-for-json.qcow2"
+    shutil.copyfile(served.local("disk.qcow2"), served.local(name))
+    overlay = tmp_path / "overlay.qcow2"
+    spec = "json:" + json.dumps({"driver": "qcow2", "file": served.url(name)})
+    run_cli("create", "-f", "qcow2", "-b", spec, "-F", "qcow2", str(overlay), check=True)
+    allow = ("--allow-protocol", "json,http")
+    assert run_cli("map", *allow, str(overlay)).returncode == 0
+    _replace_on_server(served, name)
+    assert "changed since" in _one_line(run_cli("map", *allow, str(overlay)))
