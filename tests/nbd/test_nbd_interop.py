@@ -40,9 +40,14 @@ def unix_uri(path: Path) -> str:
     return f"nbd+unix:///?socket={path}"
 
 
-def wait_for(path: Path) -> None:
+def wait_for(path: Path, process: subprocess.Popen | None = None) -> None:
+    """Until ``path`` (a server's socket) exists; a ``process`` that exits
+    first fails at once, with its stderr when that is a pipe."""
     deadline = time.monotonic() + TIMEOUT
     while not path.exists():
+        if process is not None and process.poll() is not None:
+            said = process.stderr.read() if process.stderr else ""
+            raise AssertionError(f"the server exited: {said}")
         assert time.monotonic() < deadline, f"{path} never appeared"
         time.sleep(0.02)
 

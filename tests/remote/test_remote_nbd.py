@@ -8,14 +8,13 @@ import contextlib
 import json
 import shutil
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import run_cli
+from tests.nbd.test_nbd_interop import cli, unix_uri, wait_for
 from tests.remote.conftest import DATA_RUNS, Served
 
 TIMEOUT = 60
@@ -23,17 +22,12 @@ TIMEOUT = 60
 
 @contextlib.contextmanager
 def _serving(*args: str) -> Iterator[str]:
-    """``corefmt nbd`` on a Unix socket until the block ends; yields its URI."""
+    """``corefmt nbd -t`` on a Unix socket until the block ends; yields its URI."""
     sock = Path(args[-1]).with_suffix(".sock")
-    process = subprocess.Popen([sys.executable, "-m", "corefmt.cli.main", "nbd", "-t", "-k",
-                                str(sock), *args], stderr=subprocess.PIPE, text=True)
+    process = cli("-t", "-k", str(sock), *args)
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while not sock.exists():
-            assert process.poll() is None, process.stderr.read() if process.stderr else ""
-            assert time.monotonic() < deadline, "corefmt nbd did not start"
-            time.sleep(0.02)
-        yield f"nbd+unix:///?socket={sock}"
+        wait_for(sock, process)
+        yield unix_uri(sock)
     finally:
         process.terminate()
         process.wait(TIMEOUT)
