@@ -58,7 +58,7 @@ class Storage(abc.ABC):
 
     def changed_since(self, recorded: str) -> str | None:
         """How this store differs from the version ``recorded`` by
-        ``identity()``, or None when it is that version (or cannot tell)."""
+        ``version_token()``, or None when it is that version (or cannot tell)."""
         current = self.version_token()
         if current is None or current == recorded:
             return None

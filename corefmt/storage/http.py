@@ -16,16 +16,16 @@ from __future__ import annotations
 import abc
 import base64
 import json
-import netrc
 import os
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
-from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
 from corefmt import sync
+from corefmt.credentials import without_credentials
 from corefmt.errors import CorefmtError, ReadOnlyError
 from corefmt.storage.base import Storage, StorageDriver
 from corefmt.storage.readahead import ReadAhead
@@ -67,14 +67,6 @@ HTTP_TOO_MANY_REQUESTS = 429
 HTTP_SERVER_ERRORS = range(500, 600)
 IDENTITY_ENCODING = {"Accept-Encoding": "identity"}
 CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$")
-
-
-def redact(url: str) -> str:
-    """``url`` without the user:password part, for every message and log."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
 @dataclass(frozen=True)
@@ -282,7 +274,7 @@ class Target:
         (a backing name, recorded without them)."""
         parts = urlsplit(url)
         if parts.scheme not in SCHEMES or not parts.hostname:
-            raise CorefmtError(f"'{redact(url)}' is not an http(s) URL with a host")
+            raise CorefmtError(f"'{without_credentials(url)}' is not an http(s) URL with a host")
         headers: dict[str, str] = {}
         credentials = None
         if "@" in parts.netloc:
@@ -294,7 +286,7 @@ class Target:
         if credentials is not None:
             token = base64.b64encode(credentials.encode()).decode("ascii")
             headers["Authorization"] = f"Basic {token}"
-        return cls(redact(url), redact(url), headers)
+        return cls(without_credentials(url), without_credentials(url), headers)
 
 
 class HttpStorage(Storage):
@@ -497,12 +489,15 @@ def _identify(target: Target, client: _Client) -> Identity:
     raise CorefmtError(f"Could not open '{target.shown}': {_status(probe)}")
 
 
-def _read_netrc() -> netrc.netrc | bool:
+def _read_netrc() -> dict[str, tuple[str, str | None, str | None]]:
+    """The hosts' entries of the netrc file (none without one)."""
+    import netrc  # deferred: only a URL without credentials needs it
+
     path = os.environ.get(ENV_NETRC) or os.path.expanduser(DEFAULT_NETRC)
     if not os.path.exists(path):
-        return False
+        return {}
     try:
-        return netrc.netrc(path)
+        return netrc.netrc(path).hosts
     except netrc.NetrcParseError as error:
         raise CorefmtError(f"{path}: {error.msg} (line {error.lineno})") from None
     except OSError as error:
@@ -519,8 +514,8 @@ class HttpStorageDriver(RangedStorageDriver):
         super().__init__(settings)
         self.name = scheme
         self.prefix = f"{scheme}://"
-        #: The parsed netrc file (False: there is none), read on first need.
-        self._netrc: netrc.netrc | bool | None = None
+        #: The netrc file's host entries, read on first need.
+        self._netrc_hosts: dict[str, tuple[str, str | None, str | None]] | None = None
 
     def target(self, path: str) -> Target:
         return Target.parse(path, self._netrc_login)
@@ -529,11 +524,11 @@ class HttpStorageDriver(RangedStorageDriver):
         """The login ``~/.netrc`` (or ``$NETRC``) has for ``host``, read once,
         as curl --netrc and wget do."""
         with self._client_lock:
-            if self._netrc is None:
-                self._netrc = _read_netrc()
-            entries = self._netrc
+            if self._netrc_hosts is None:
+                self._netrc_hosts = _read_netrc()
+            hosts = self._netrc_hosts
         # the host's own entry only: a "default" login would go to any server
-        entry = entries.hosts.get(host) if isinstance(entries, netrc.netrc) else None
+        entry = hosts.get(host)
         return f"{entry[0]}:{entry[2] or ''}" if entry else None
 
     def is_sibling(self, path: str, holder: str) -> bool:

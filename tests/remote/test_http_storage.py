@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import corefmt
+from corefmt.credentials import without_credentials
 from corefmt.errors import CorefmtError, ReadOnlyError
 from corefmt.storage.http import (
     ENV_BACKOFF,
@@ -26,7 +27,6 @@ from corefmt.storage.http import (
     HttpSettings,
     HttpStorage,
     HttpStorageDriver,
-    redact,
 )
 from tests.conftest import fill, run_cli
 from tests.remote.conftest import DATA_RUNS, MiB, Served
@@ -132,7 +132,7 @@ def test_a_missing_object_is_one_line_naming_the_url_without_credentials(served:
     line = _one_line(run_cli("info", with_password))
     assert f"'{url}'" in line and "404" in line
     assert "s3cret" not in line and "alice" not in line
-    assert redact(with_password) == url
+    assert without_credentials(with_password) == url
 
 
 def test_an_object_replaced_under_an_open_image_is_refused(served: Served):
