@@ -71,6 +71,23 @@ class BackingRef:
     identity: str | None = None
 
 
+def version_record(path: str, identity: str | None) -> bytes | None:
+    """``BackingRef.identity`` as a format stores it: the backing name it is
+    for, a NUL, the version. Tied to the name, so a record left behind by a
+    tool that renamed the backing is stale, not evidence. None: no record."""
+    if identity is None or not path:
+        return None
+    return path.encode() + b"\0" + identity.encode()
+
+
+def recorded_version(record: bytes, path: str) -> str | None:
+    """The version a ``version_record`` holds, if it was made for ``path``."""
+    name, separator, identity = record.partition(b"\0")
+    if not separator or name != path.encode():
+        return None
+    return identity.decode("utf-8", "replace")
+
+
 def _no_child(role: str, path: str, **_: Any) -> Any:
     from corefmt.errors import CorefmtError
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import struct
 
+from corefmt.driver import recorded_version, version_record
 from corefmt.storage.base import Storage
 from corefmt_fvd.layout import HEADER_REGION, HEADER_SIZE
 
@@ -29,10 +30,8 @@ MAX_RECORD_BYTES = HEADER_REGION - RECORD_OFFSET - RECORD_HEAD.size
 def pack_record(base_img: str, identity: str | None) -> bytes:
     """The record for ``base_img`` (zeros, meaning no record, without an
     identity or where it does not fit)."""
-    if identity is None or not base_img:
-        return bytes(RECORD_HEAD.size)
-    body = base_img.encode() + b"\0" + identity.encode()
-    if len(body) > MAX_RECORD_BYTES:
+    body = version_record(base_img, identity)
+    if body is None or len(body) > MAX_RECORD_BYTES:
         return bytes(RECORD_HEAD.size)
     return RECORD_HEAD.pack(RECORD_MAGIC, len(body)) + body
 
@@ -43,11 +42,7 @@ def read_record(storage: Storage, base_img: str) -> str | None:
     magic, length = RECORD_HEAD.unpack(storage.read(RECORD_OFFSET, RECORD_HEAD.size))
     if magic != RECORD_MAGIC or length > MAX_RECORD_BYTES:
         return None
-    body = storage.read(RECORD_OFFSET + RECORD_HEAD.size, length)
-    name, separator, identity = body.partition(b"\0")
-    if not separator or name != base_img.encode():
-        return None
-    return identity.decode("utf-8", "replace")
+    return recorded_version(storage.read(RECORD_OFFSET + RECORD_HEAD.size, length), base_img)
 
 
 def write_record(storage: Storage, base_img: str, identity: str | None) -> None:

@@ -12,6 +12,8 @@ import struct
 
 import attrs
 
+from corefmt.driver import recorded_version, version_record
+
 MAGIC = b"QFI\xfb"
 VERSION_2, VERSION_3 = 2, 3
 #: compat=0.10 is version 2, compat=1.1 version 3 (qemu's create option).
@@ -205,17 +207,12 @@ class Header:
         extension = self.extension(EXT_BACKING_IDENTITY)
         if extension is None or self.backing_file is None:
             return None
-        name, separator, identity = extension.data.partition(b"\0")
-        if not separator or name != self.backing_file.encode():
-            return None
-        return identity.decode("utf-8", "replace")
+        return recorded_version(extension.data, self.backing_file)
 
     def set_backing_identity(self, identity: str | None) -> None:
         """Record ``identity`` for the current backing name (None: no record)."""
-        data = None
-        if identity is not None and self.backing_file:
-            data = self.backing_file.encode() + b"\0" + identity.encode()
-        self.set_extension(EXT_BACKING_IDENTITY, data)
+        self.set_extension(EXT_BACKING_IDENTITY,
+                           version_record(self.backing_file or "", identity))
 
     @property
     def data_file(self) -> str | None:
