@@ -265,12 +265,11 @@ def rebase(image: str | Mapping[str, Any], backing: str | None,
                     registry=registry, allow_protocols=allow_protocols) as node:
         if backing_format is not None and backing_format not in registry.formats:
             raise RebaseError(f"Invalid format name: '{backing_format}'")
-        if unsafe or not backing:
-            version = _remote_version(registry.resolve(backing, node.filename), registry) \
-                if backing else None
+        target = registry.resolve(backing, node.filename) if backing else None
+        if unsafe or target is None:
+            version = _remote_version(target, registry) if target else None
             return rebase_node(node, None, backing, backing_format, unsafe=unsafe,
                                compress=compress, progress=progress, identity=version)
-        target = registry.resolve(backing, node.filename)
         reused = find_layer(node, target)
         if reused is not None:
             return rebase_node(node, reused, backing, backing_format, compress=compress,
@@ -297,7 +296,7 @@ def _remote_version(target: str, registry: Registry) -> str | None:
         return None
     try:
         storage = driver.open(target, read_only=True)
-    except Exception:  # unreachable, refused, unsigned: -u goes on without it
+    except CorefmtError:  # unreachable, refused, unsigned: -u goes on without it
         return None
     try:
         return storage.version_token()
