@@ -30,6 +30,7 @@ overlay is wrong or a client fails.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -180,9 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     from tests.remote.ceph import ceph_available, ceph_rgw
     from tests.remote.servers import nginx_binary, nginx_serving
 
+    if nginx_binary() is None or (args.s3 and ceph_available() is not None):
+        print("needs nginx (and Ceph with --s3)", file=sys.stderr)
+        return 0
     env = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
     parent = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    with tempfile.TemporaryDirectory(dir=parent, prefix="remote-clients-") as folder:
+    with tempfile.TemporaryDirectory(dir=parent, prefix="remote-clients-") as folder, \
+            contextlib.ExitStack() as servers:
         work = Path(folder)
         (work / "root").mkdir()
         base = work / "root" / "base.raw"
@@ -198,47 +203,38 @@ def main(argv: list[str] | None = None) -> int:
                  f"driver=raw,file.filename={base}"],
                 capture_output=True, env=env).returncode == 0
 
-        if nginx_binary() is None or (args.s3 and ceph_available() is not None):
-            print("needs nginx (and Ceph with --s3)", file=sys.stderr)
-            return 0
-        with nginx_serving(work) as nginx:
-            if args.s3:
-                rgw_context = ceph_rgw(work / "ceph")
-                rgw = rgw_context.__enter__()
-                rgw.create_bucket("bench")
-                rgw.put("bench", "base.raw", base)
-                env.update(rgw.env())
-                url, plain, allow = "s3://bench/base.raw", None, "s3"
-            else:
-                rgw_context, url, allow = None, nginx.url("base.raw"), "http"
-                plain = url
-            try:
-                if plain is None:  # the plain client needs a URL: presign one
-                    from corefmt.storage.s3 import S3StorageDriver
-                    os.environ.update(env)
-                    plain = S3StorageDriver().target(url).wire("GET")
-                downloads, prefetch, guest_mixed, guest_alone, first_mixed, first_alone = \
-                    [], [], [], [], [], []
-                for repetition in range(args.repeat):
-                    steps = ["downloads", "mixed", "alone"]
-                    steps = steps[repetition % 3:] + steps[:repetition % 3]
-                    for step in steps:
-                        if step == "downloads":
-                            downloads.append(run_downloads(work, plain, args.size,
-                                                           args.clients - 1, env))
-                        elif step == "mixed":
-                            rate, figures = run_mixed(work, url, args.size, args.clients,
-                                                      args.seconds, env, allow, check)
-                            prefetch.append(rate)
-                            guest_mixed.append(figures["reads_per_second"])
-                            first_mixed.append(figures["first_read"])
-                        else:
-                            figures = run_alone(work, url, args.seconds, env, allow)
-                            guest_alone.append(figures["reads_per_second"])
-                            first_alone.append(figures["first_read"])
-            finally:
-                if rgw_context is not None:
-                    rgw_context.__exit__(None, None, None)
+        nginx = servers.enter_context(nginx_serving(work))
+        url, allow = nginx.url("base.raw"), "http"
+        plain = url  # what the plain downloads fetch
+        if args.s3:
+            rgw = servers.enter_context(ceph_rgw(work / "ceph"))
+            rgw.create_bucket("bench")
+            rgw.put("bench", "base.raw", base)
+            env.update(rgw.env())
+            os.environ.update(env)  # the presigning below reads the keys from there
+            from corefmt.storage.s3 import S3StorageDriver
+
+            url, allow = "s3://bench/base.raw", "s3"
+            plain = S3StorageDriver().target(url).wire("GET")
+        downloads, prefetch, guest_mixed, guest_alone, first_mixed, first_alone = \
+            [], [], [], [], [], []
+        for repetition in range(args.repeat):
+            steps = ["downloads", "mixed", "alone"]
+            steps = steps[repetition % 3:] + steps[:repetition % 3]
+            for step in steps:
+                if step == "downloads":
+                    downloads.append(run_downloads(work, plain, args.size, args.clients - 1,
+                                                   env))
+                elif step == "mixed":
+                    rate, figures = run_mixed(work, url, args.size, args.clients,
+                                              args.seconds, env, allow, check)
+                    prefetch.append(rate)
+                    guest_mixed.append(figures["reads_per_second"])
+                    first_mixed.append(figures["first_read"])
+                else:
+                    figures = run_alone(work, url, args.seconds, env, allow)
+                    guest_alone.append(figures["reads_per_second"])
+                    first_alone.append(figures["first_read"])
     where = "Ceph RGW (s3)" if args.s3 else "nginx"
     print(f"{args.clients} clients over one {args.size // MiB} MiB raw base on {where}, "
           f"{args.repeat} repetitions; {load_line()}")
