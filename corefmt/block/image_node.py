@@ -10,6 +10,7 @@ request the driver declines with NotSupported).
 
 from __future__ import annotations
 
+import bisect
 import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,11 @@ _NO_FALLBACK = int(RequestFlags.NO_FALLBACK)
 
 #: A tracked range that covers any request (reopen excludes them all).
 WHOLE_IMAGE = 1 << 63
+#: How far past a range's start a chain walk asks a layer about its status
+#: (own_status_over): far enough that one answer covers the many small gaps
+#: the layers above leave, bounded so a layer is not made to read metadata
+#: (qcow2 L2 tables) of much that the layers above already decide.
+STATUS_QUERY_SPAN = 1024 * 1024 * 1024
 
 
 @attrs.frozen
@@ -153,6 +159,65 @@ class ImageNode(BlockNode):
             position += extent.length
         return merge_runs(extents)
 
+    def _decide(self, pending: list[tuple[int, int]], depth: int, entry: BlockNode,
+                result: list[ChainExtent], hosts: dict[int, Extent]) -> list[tuple[int, int]]:
+        """One step of a chain walk: this layer's status over the ranges no
+        layer above decides (sorted, disjoint). What it allocates goes to
+        ``result`` (read through ``entry`` at ``depth``); the ranges it leaves
+        to its backing are returned, and those of them with a host place
+        noted in ``hosts``.
+
+        The driver is asked from a range's start to as far as
+        ``STATUS_QUERY_SPAN`` past it (never past the last range), not just
+        to the range's end, so one answer may cover many ranges, and ranges
+        an unallocated answer covers are passed on as they are. The layers
+        above may leave one gap each: asked range by range, a chain of n
+        overlays costs n * n / 2 driver calls; this way about one per extent,
+        and never more calls than range by range (each answer ends no
+        earlier than the clipped one would)."""
+        image = self._image
+        unallocated: list[tuple[int, int]] = []
+        starts = [start for start, _ in pending]
+        last_end = pending[-1][0] + pending[-1][1]
+        index, count = 0, len(pending)
+        position = pending[0][0]
+        while index < count:
+            start, run = pending[index]
+            end = start + run
+            if position < start:
+                position = start
+            query_end = min(last_end, max(end, position + STATUS_QUERY_SPAN))
+            extent = image.block_status(position, query_end - position)
+            if extent.offset != position or not 0 < extent.length <= query_end - position:
+                raise ImageError(self.filename, "block status", position,
+                                 f"driver returned an invalid extent {extent}")
+            extent_end = position + extent.length
+            stop = bisect.bisect_left(starts, extent_end, index)  # pending[index:stop] overlap
+            last_start, last_run = pending[stop - 1]
+            if not extent.allocated and extent.host_offset is None:
+                first_end = min(end, extent_end)
+                if unallocated and sum(unallocated[-1]) == position and (
+                        unallocated[-1][0] not in hosts):
+                    unallocated[-1] = (unallocated[-1][0], first_end - unallocated[-1][0])
+                else:
+                    unallocated.append((position, first_end - position))
+                if stop - 1 > index:
+                    unallocated.extend(pending[index + 1:stop - 1])
+                    unallocated.append((last_start, min(last_start + last_run, extent_end)
+                                        - last_start))
+            else:
+                for piece_start, piece_run in pending[index:stop]:
+                    piece = _clip_extent(extent, max(piece_start, position),
+                                         min(piece_start + piece_run, extent_end))
+                    if extent.allocated:
+                        result.append(_chain_extent(piece, depth, entry))
+                    else:
+                        unallocated.append((piece.offset, piece.length))
+                        hosts[piece.offset] = piece
+            index = stop - 1 if last_start + last_run > extent_end else stop
+            position = extent_end
+        return unallocated
+
     def block_status(self, offset: int, length: int) -> list[ChainExtent]:
         """Status merged over the whole chain, covering [offset, offset+length).
 
@@ -214,18 +279,10 @@ class ImageNode(BlockNode):
             layer, depth = entry.layer(), 1
             pending = _clip_to(entry, pending, result, 0)
         while pending:
-            unallocated: list[tuple[int, int]] = []
             # Unallocated ranges that still have a host place (qcow2's
             # reserved subclusters): the bottom layer's is reported, as qemu does.
             hosts: dict[int, Extent] = {}
-            for start, run in pending:
-                for extent in layer.own_status(start, run):
-                    if extent.allocated:
-                        result.append(_chain_extent(extent, depth, entry))
-                    else:
-                        unallocated.append((extent.offset, extent.length))
-                        if extent.host_offset is not None:
-                            hosts[extent.offset] = extent
+            unallocated = layer._decide(pending, depth, entry, result, hosts)
             below = layer.backing
             if below is not None and below.layer() is stop:
                 result.extend(ChainExtent(start, run, False, False, depth + 1, None)
@@ -692,6 +749,14 @@ class ImageNode(BlockNode):
             for role, child in self.children.items():
                 if role != ROLE_FILE and not isinstance(child, BlockNode):
                     child.close()  # a Storage child (data file)
+
+
+def _clip_extent(extent: Extent, start: int, end: int) -> Extent:
+    """The part of a layer's extent inside [start, end)."""
+    if start == extent.offset and end == extent.offset + extent.length:
+        return extent
+    host = None if extent.host_offset is None else extent.host_offset + start - extent.offset
+    return attrs.evolve(extent, offset=start, length=end - start, host_offset=host)
 
 
 def _unallocated_bottom(offset: int, length: int, depth: int, own: Extent | None
