@@ -48,7 +48,7 @@ from corefmt.cache import l2_cache_entries, refcount_cache_entries
 from corefmt_qcow2 import compression, events, l2
 from corefmt_qcow2.bitmaps import BitmapMethods, Bitmaps
 from corefmt_qcow2.events import EventStorage
-from corefmt_qcow2.header import MAX_HEADER_READ, unpack_header
+from corefmt_qcow2.header import read_header_cluster, unpack_header
 from corefmt_qcow2.l2 import (
     COMPRESSED,
     HAS_HOST,
@@ -105,7 +105,7 @@ class Qcow2Image(BitmapMethods, Image):
         super().__init__(storage, context)
         path = context.path
         file_size = storage.size()
-        raw = storage.read(0, min(file_size, MAX_HEADER_READ))
+        raw = read_header_cluster(storage, file_size)
         self.header = header = unpack_header(raw, path, file_size)
         self.virtual_size = header.size
         self.cluster_bits = header.cluster_bits
@@ -463,7 +463,11 @@ class Qcow2Image(BitmapMethods, Image):
                 real_clusters = real // self.cluster_size
                 threshold = max(real_clusters * 10 // 9, real_clusters + 2)
                 clusters = div_round_up(self.storage.size(), self.cluster_size)
-                self._metadata_preallocated = self.refcounts.count_used(
+                # Only clusters inside the file are counted: a file with
+                # fewer clusters than the threshold (one that is not sparse)
+                # cannot pass it, and its refcounts need not be read (a
+                # read-only chain of hundreds of overlays would read them all).
+                self._metadata_preallocated = clusters >= threshold and self.refcounts.count_used(
                     clusters, threshold) >= threshold
         return self._metadata_preallocated
 
