@@ -31,7 +31,7 @@ from corefmt.filters.base import LAYER_STORAGE, FilterContext
 from corefmt.options import BOOLEAN_WORDS, build_options, to_bool
 from corefmt.registry import PROBE_HEAD_SIZE, Registry
 from corefmt.storage import locking
-from corefmt.storage.base import Storage
+from corefmt.storage.base import Storage, ignore_flushes
 
 #: qemu has no fixed limit; this keeps recursion-free code and memory bounded.
 MAX_CHAIN_DEPTH = 1000
@@ -309,6 +309,8 @@ class GraphBuilder:
                  if self.force_share and accepts_keyword(storage_driver.open, "force_share")
                  else {})
         storage = storage_driver.open(filename, read_only=read_only, direct=self.direct, **extra)
+        if self.no_flush and not read_only:
+            ignore_flushes(storage)
         if lock_mode not in ("off", False):  # the format node takes the locks it needs
             locking.track(storage, force_share=force_share)
         return storage, filename

@@ -190,6 +190,23 @@ class Storage(abc.ABC):
         return f"<{type(self).__name__} {self.path!r} {mode}>"
 
 
+def ignore_flushes(storage: Storage) -> None:
+    """qemu's ``cache.no-flush`` (cache mode ``unsafe``) at the protocol layer.
+
+    qemu's file child inherits the option from its format node, so a format's
+    own ordering flushes (qcow2's refcounts before L2 tables, FVD's journal
+    before its tables) do nothing either, not just the user's flushes: an
+    unsafe convert makes no fdatasync. A power cut may then leave the image
+    inconsistent, which is what the user accepted; a process that exits, even
+    by a crash, loses nothing, since the page cache keeps every write.
+    """
+    storage.flush = _skip_flush  # type: ignore[method-assign]
+
+
+def _skip_flush() -> None:
+    """A flush under cache.no-flush."""
+
+
 class StorageDriver(abc.ABC):
     """Opens and creates one kind of Storage (registered by plugins)."""
 
