@@ -21,7 +21,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 from urllib.parse import unquote, urljoin, urlsplit
 
 from corefmt import sync
@@ -61,10 +61,18 @@ MAX_REQUEST_BYTES = 16 * 1024 * 1024
 #: most one piece (urllib3 drops the data of a read that fails).
 READ_CHUNK_BYTES = 64 * 1024
 HTTP_OK, HTTP_PARTIAL = 200, 206
-HTTP_NOT_FOUND, HTTP_GONE = 404, 410
+HTTP_FORBIDDEN, HTTP_NOT_FOUND, HTTP_GONE = 403, 404, 410
 HTTP_RANGE_NOT_SATISFIABLE = 416
 HTTP_TOO_MANY_REQUESTS = 429
 HTTP_SERVER_ERRORS = range(500, 600)
+#: Answers that send the client elsewhere (the Location header says where).
+HTTP_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+#: Redirects followed for one request before giving up (wget's limit).
+MAX_REDIRECTS = 20
+#: Answers from a place an earlier redirect led to after which the request
+#: starts again from the URL itself: a signed location that expired, a
+#: mirror that lost the file.
+HTTP_STALE_LOCATION = frozenset({401, 403, 404, 410})
 IDENTITY_ENCODING = {"Accept-Encoding": "identity"}
 CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$")
 
@@ -144,10 +152,53 @@ class _Client:
 
     def _once(self, method: str, target: Target, headers: dict[str, str]
               ) -> urllib3.BaseHTTPResponse:
+        remembered = target.location
+        if remembered is not None:
+            response = self._following(method, target, remembered, headers)
+            if response.status not in HTTP_STALE_LOCATION:
+                return response
+            _discard(response)  # where the redirect led no longer serves it: ask again
+            target.location = None
+        return self._following(method, target, target.wire(method), headers)
+
+    def _following(self, method: str, target: Target, url: str, headers: dict[str, str]
+                   ) -> urllib3.BaseHTTPResponse:
+        """One request, and the redirects it gets, as curl follows them
+        (qemu's curl driver does): credentials go only to the URL's own
+        server, https never leads to plain http. Where the chain ends is
+        remembered for the next request."""
+        hops = 0
+        while True:
+            response = self._send(method, target, url, _for_place(headers, url, target.url))
+            if response.status not in HTTP_REDIRECTS or not target.follows_redirects:
+                break
+            location = response.headers.get("Location")
+            _discard(response)
+            status = _status(response)
+            if not location:
+                raise CorefmtError(f"{target.shown}: {status} without a Location to go to")
+            hops += 1
+            if hops > MAX_REDIRECTS:
+                raise CorefmtError(f"{target.shown}: more than {MAX_REDIRECTS} redirects")
+            following = urljoin(url, location)
+            scheme = urlsplit(following).scheme
+            if scheme not in SCHEMES:
+                raise CorefmtError(f"{target.shown}: redirected to '{_place(following)}', "
+                                   "which is not http(s)")
+            if urlsplit(url).scheme == "https" and scheme == "http":
+                raise CorefmtError(f"{target.shown}: redirected from https to plain http "
+                                   f"({_place(following)}); refusing to leave TLS")
+            url = following
+        if hops and response.status not in HTTP_SERVER_ERRORS:
+            target.location = url
+        return response
+
+    def _send(self, method: str, target: Target, url: str, headers: dict[str, str]
+              ) -> urllib3.BaseHTTPResponse:
         errors = self._urllib3.exceptions
         try:
             # identity: a compressed answer would not be the bytes of the range
-            response = self.pool.request(method, target.wire(method),
+            response = self.pool.request(method, url,
                                          headers={**headers, **IDENTITY_ENCODING},
                                          preload_content=False, redirect=False, retries=False)
         except errors.SSLError as error:  # a certificate problem stays one
@@ -177,6 +228,30 @@ class _Client:
 
     def close(self) -> None:
         self.pool.clear()
+
+
+def _origin(url: str) -> tuple[str, str | None, int | None]:
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:  # a malformed port is nobody's origin
+        port = -1
+    return parts.scheme, parts.hostname, port or (443 if parts.scheme == "https" else 80)
+
+
+def _for_place(headers: dict[str, str], url: str, own: str) -> dict[str, str]:
+    """``headers`` without the login where ``url`` is not on ``own``'s server
+    (curl drops it on a redirect to another host the same way)."""
+    if "Authorization" not in headers or _origin(url) == _origin(own):
+        return headers
+    return {key: value for key, value in headers.items() if key != "Authorization"}
+
+
+def _place(url: str) -> str:
+    """A redirect's location as messages show it: no login, no query (a
+    signed location carries its signature there)."""
+    parts = urlsplit(without_credentials(url))
+    return parts._replace(query="", fragment="").geturl() + ("?…" if parts.query else "")
 
 
 def _status(response: urllib3.BaseHTTPResponse) -> str:
@@ -262,6 +337,10 @@ class Target:
     url: str
     shown: str
     headers: dict[str, str] = field(default_factory=dict)
+    #: Where the last redirects led: later requests go there directly.
+    location: str | None = None
+    #: A signed target's URL is valid for its own server only: no redirects.
+    follows_redirects: ClassVar[bool] = True
 
     def wire(self, method: str) -> str:
         """The URL a ``method`` request goes to (a signed store makes one
@@ -474,7 +553,9 @@ def _identify(target: Target, client: _Client) -> Identity:
     if (head.status == HTTP_OK and length is not None and length.isdigit()
             and head.headers.get("Accept-Ranges", "").lower() == "bytes"):
         return Identity.of(head, int(length))
-    if head.status != HTTP_OK and head.status not in (405, 501):  # 405/501: no HEAD
+    # 405/501: no HEAD; 403 where a redirect led: a location signed for GET only
+    if head.status != HTTP_OK and head.status not in (405, 501) and \
+            not (head.status == HTTP_FORBIDDEN and target.location is not None):
         raise CorefmtError(f"Could not open '{target.shown}': {_status(head)}")
     probe = client.request("GET", target, {**target.headers, "Range": "bytes=0-0"}, what)
     _discard(probe)

@@ -115,7 +115,11 @@ class _Signer:
 
 class S3Target(Target):
     """An object reached by presigned URLs, one per method, renewed before
-    they expire; shown as its ``s3://`` name."""
+    they expire; shown as its ``s3://`` name. A redirect (S3's answer for a
+    bucket in another region) is an error, not followed: the signature is
+    for this endpoint only."""
+
+    follows_redirects = False
 
     def __init__(self, bucket: str, key: str, signer: _Signer):
         super().__init__(url=f"{PREFIX}{bucket}/{key}", shown=f"{PREFIX}{bucket}/{key}")

@@ -70,7 +70,7 @@ http {{
     server {{
         listen {host}:{port};
         root {root};
-{limit}    }}
+{redirects}{limit}    }}
 {tls}}}
 """
 #: A second server block for https, when the fixture made a certificate.
@@ -80,7 +80,16 @@ NGINX_TLS_SERVER = """\
         ssl_certificate {certificate};
         ssl_certificate_key {key};
         root {root};
+        location /insecure/ {{ rewrite ^/insecure/(.*)$ http://{host}:{http_port}/$1 redirect; }}
     }}
+"""
+#: Redirecting places on the http port: /moved/NAME (301) and /found/NAME
+#: (302) lead to NAME, /loop/NAME to itself, /to-tls/NAME to the https port.
+NGINX_REDIRECTS = """\
+        location /moved/ {{ rewrite ^/moved/(.*)$ /$1 permanent; }}
+        location /found/ {{ rewrite ^/found/(.*)$ /$1 redirect; }}
+        location /loop/ {{ return 302 $uri; }}
+        location /to-tls/ {{ rewrite ^/to-tls/(.*)$ https://{host}:{tls_port}/$1 permanent; }}
 """
 #: A self-signed certificate for 127.0.0.1 (an EC key: made in milliseconds).
 OPENSSL_SELF_SIGNED = ("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
@@ -135,10 +144,12 @@ class Nginx:
             self.tls_port = _free_port()
             tls = NGINX_TLS_SERVER.format(host=LOOPBACK, port=self.tls_port, root=self.root,
                                           certificate=self.certificate[0],
-                                          key=self.certificate[1])
+                                          key=self.certificate[1], http_port=self.port)
         conf = self.prefix / "nginx.conf"
         conf.write_text(NGINX_CONF.format(user=user, prefix=self.prefix, host=LOOPBACK,
                                           port=self.port, root=self.root, tls=tls,
+                                          redirects=NGINX_REDIRECTS.format(
+                                              host=LOOPBACK, tls_port=self.tls_port),
                                           limit=(f"        limit_rate {self.limit_rate};\n"
                                                  if self.limit_rate else "")))
         log = self.prefix / "error.log"
@@ -186,6 +197,13 @@ class Script:
     requests: list[str] = field(default_factory=list)
     #: The If-Range header of each request (None where there was none).
     if_ranges: list[str | None] = field(default_factory=list)
+    #: The Authorization header of each request (None where there was none).
+    authorizations: list[str | None] = field(default_factory=list)
+    #: Answer every request with a redirect to this URL instead.
+    redirect: str | None = None
+    redirect_status: int = 302
+    #: The status of every HEAD, where it is not the usual 200.
+    head_status: int | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def replace(self, content: bytes, etag: str) -> None:
@@ -210,6 +228,8 @@ def _handler(script: Script) -> type[BaseHTTPRequestHandler]:
             with script.lock:
                 script.requests.append(f"{self.command} {self.headers.get('Range', '')}")
                 script.if_ranges.append(self.headers.get("If-Range"))
+                script.authorizations.append(self.headers.get("Authorization"))
+                redirect, head_status = script.redirect, script.head_status
                 failing = script.fail_always or script.fail_first > 0
                 if script.fail_first > 0:
                     script.fail_first -= 1
@@ -217,6 +237,14 @@ def _handler(script: Script) -> type[BaseHTTPRequestHandler]:
                 cut = body and script.truncate_bodies > 0
                 if cut:
                     script.truncate_bodies -= 1
+            if redirect is not None or (head_status is not None and not body):
+                self.send_response(script.redirect_status if redirect is not None
+                                   else head_status)
+                if redirect:
+                    self.send_header("Location", redirect)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             if failing:
                 self.send_response(script.error_status)
                 self.send_header("Content-Length", "0")
