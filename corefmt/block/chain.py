@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import attrs
@@ -186,7 +186,8 @@ class GraphBuilder:
         return node_name, read_only
 
     def _open_image(self, given: Mapping[str, Any], *, read_only: bool,
-                    follow_backing: bool = True) -> ImageNode:
+                    follow_backing: bool = True,
+                    check_storage: Callable[[Storage], None] | None = None) -> ImageNode:
         spec = dict(given)
         driver_name = spec.get(KEY_DRIVER)
         node_name, read_only = self._generic(spec, read_only)
@@ -200,6 +201,8 @@ class GraphBuilder:
         data_file_spec = spec.pop(KEY_DATA_FILE, None)
         storage, filename = self.open_storage(file_spec, read_only=read_only)
         try:
+            if check_storage is not None:  # before a byte of it is read as an image
+                check_storage(storage)
             driver = (self.registry.format(driver_name) if driver_name
                       else probe_format(storage, self.registry))
             if backing_spec not in (_RECORDED, None) and not driver.supports_backing:
@@ -378,7 +381,12 @@ class GraphBuilder:
         self.check_name_from_image(reference.path, node, "backing file name")
         if is_json_filename(reference.path):
             below = self.open(to_spec(reference.path, reference.format), read_only=True)
-            _refuse_another_version(reference, below, node)
+            try:
+                _refuse_another_version(reference, getattr(below.layer(), "storage", None),
+                                        below.filename, node)
+            except BackingChainError:
+                below.close()
+                raise
             return below  # type: ignore[return-value]
         target = self.registry.resolve(reference.path, node.filename)
         if _identity(target) in seen:
@@ -392,31 +400,35 @@ class GraphBuilder:
         spec: dict[str, Any] = {KEY_FILE: {KEY_FILENAME: target}}
         if reference.format:
             spec[KEY_DRIVER] = reference.format
+        def same_version(storage: Storage) -> None:
+            # A base replaced by another format must be told by its version,
+            # not by the format error its new bytes would give.
+            _refuse_another_version(reference, storage, without_credentials(target), node)
+
         try:
-            below = self._open_image(spec, read_only=True, follow_backing=False)
+            below = self._open_image(spec, read_only=True, follow_backing=False,
+                                     check_storage=same_version)
         except BackingChainError:
             raise
         except CorefmtError as error:
             raise BackingChainError(
                 f"Could not open backing file '{printable(target)}' of '{node.filename}': "
                 f"{error}") from error
-        _refuse_another_version(reference, below, node)
         seen.add(_identity(target))
         return below
 
 
-def _refuse_another_version(reference: BackingRef, below: BlockNode, node: BlockNode) -> None:
+def _refuse_another_version(reference: BackingRef, storage: Storage | None, shown: str,
+                            node: BlockNode) -> None:
     """A backing whose store is no longer the version the image recorded is
-    closed and refused, before anything is read from it."""
+    refused, before anything is read from it."""
     if reference.identity is None:
         return
-    storage = getattr(below.layer(), "storage", None)
     changed_since = getattr(storage, "changed_since", None)
     change = changed_since(reference.identity) if callable(changed_since) else None
     if change is not None:
-        below.close()
         raise BackingChainError(
-            f"Could not open backing file '{below.filename}' of '{node.filename}': "
+            f"Could not open backing file '{shown}' of '{node.filename}': "
             f"it changed since the image was made over it ({change}); refusing to "
             "mix its versions")
 

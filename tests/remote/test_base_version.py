@@ -131,3 +131,20 @@ def test_a_json_backing_is_checked_too(served: Served, tmp_path: Path):
     assert run_cli("map", *allow, str(overlay)).returncode == 0
     _replace_on_server(served, name)
     assert "changed since" in _one_line(run_cli("map", *allow, str(overlay)))
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "fvd"])
+def test_a_base_replaced_by_another_format_is_told_by_its_version(
+        served: Served, fmt: str, tmp_path: Path):
+    """A new object of another format under the old name: the refusal says
+    the base changed (the real cause), not that it is not a qcow2 image."""
+    name = f"base-for-format-{fmt}.qcow2"
+    shutil.copyfile(served.local("disk.qcow2"), served.local(name))
+    overlay = tmp_path / f"overlay.{fmt}"
+    run_cli("create", "-f", fmt, "-b", served.url(name), "-F", "qcow2", str(overlay),
+            check=True)
+    replacement = served.local(name).with_suffix(".new")
+    shutil.copyfile(served.local("disk.fvd"), replacement)
+    os.replace(replacement, served.local(name))
+    line = _one_line(run_cli("map", *ALLOW, str(overlay)))
+    assert f"'{served.url(name)}'" in line and "changed since" in line, line
