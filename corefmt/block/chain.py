@@ -24,9 +24,10 @@ from corefmt.block.filter_node import FilterNode
 from corefmt.block.image_node import ImageNode, Reopener
 from corefmt.block.imagespec import is_json_filename, parse_json_filename
 from corefmt.block.node import ROLE_BACKING, BlockNode
+from corefmt.capabilities import HeaderFull
 from corefmt.credentials import without_credentials
-from corefmt.driver import BackingRef, FormatDriver, ImageContext, accepts_keyword
-from corefmt.errors import BackingChainError, CorefmtError, OptionError
+from corefmt.driver import BackingRef, FormatDriver, ImageContext, accepts_keyword, supports
+from corefmt.errors import BackingChainError, CorefmtError, NotSupported, OptionError
 from corefmt.filters.base import LAYER_STORAGE, FilterContext
 from corefmt.options import BOOLEAN_WORDS, build_options, to_bool
 from corefmt.registry import PROBE_HEAD_SIZE, Registry
@@ -355,6 +356,7 @@ class GraphBuilder:
                     f"{top.filename}: backing chain is deeper than {self.max_depth} images")
             below = self._open_backing(node, reference, seen)
             node.set_backing(below)
+            _record_first_version(node, reference, below)
             node = below
 
     def check_name_from_image(self, name: str, holder: BlockNode, what: str) -> None:
@@ -431,6 +433,22 @@ def _refuse_another_version(reference: BackingRef, storage: Storage | None, show
             f"Could not open backing file '{shown}' of '{node.filename}': "
             f"it changed since the image was made over it ({change}); refusing to "
             "mix its versions")
+
+
+def _record_first_version(node: ImageNode, reference: BackingRef, below: BlockNode) -> None:
+    """An overlay that records no version of its remote base (made by
+    qemu-img, by ``create -u``, or rebased with -u while the server was
+    away) records the one it meets on its first read-write open: from then
+    on a replaced base is refused (trust on first use). A read-only open
+    writes nothing, and a header with no room left keeps none."""
+    if node.read_only or reference.identity is not None:
+        return
+    token = version_of(below)
+    image = node.image
+    if token is None or image is None or not supports(image, "set_backing"):
+        return
+    with contextlib.suppress(HeaderFull, NotSupported):
+        image.set_backing(BackingRef(reference.path, reference.format, token))
 
 
 def _is_sibling(driver: Any, name: str, holder: str) -> bool:
