@@ -150,27 +150,29 @@ def test_a_base_replaced_by_another_format_is_told_by_its_version(
     assert f"'{served.url(name)}'" in line and "changed since" in line, line
 
 
-@pytest.mark.parametrize("maker", ["qemu-img", "create -u"])
+@pytest.mark.parametrize(("maker", "fmt"), [("qemu-img", "qcow2"), ("create -u", "qcow2"),
+                                           ("create -u", "fvd")])
 def test_an_overlay_without_a_record_records_its_first_read_write_open(
-        served: Served, maker: str, tmp_path: Path):
+        served: Served, maker: str, fmt: str, tmp_path: Path):
     """Trust on first use: an overlay qemu-img made (or ``create -u``) holds
     no version; a read-only open leaves it so, the first read-write open
     records the base it meets, and a later replacement is refused."""
-    name = f"base-for-first-use-{maker.replace(' ', '')}.qcow2"
+    name = f"base-for-first-use-{maker.replace(' ', '')}-{fmt}.qcow2"
     shutil.copyfile(served.local("disk.qcow2"), served.local(name))
-    overlay = tmp_path / "overlay.qcow2"
+    overlay = tmp_path / f"overlay.{fmt}"
     if maker == "qemu-img":
         subprocess.run(["qemu-img", "create", "-f", "qcow2", "-u", "-b", served.url(name),
                         "-F", "qcow2", str(overlay), "16M"], check=True, capture_output=True)
     else:
-        run_cli("create", "-f", "qcow2", "-u", "-b", served.url(name), "-F", "qcow2",
+        run_cli("create", "-f", fmt, "-u", "-b", served.url(name), "-F", "qcow2",
                 str(overlay), "16M", check=True)
     made = overlay.read_bytes()
     assert run_cli("map", *ALLOW, str(overlay)).returncode == 0
     assert overlay.read_bytes() == made  # read-only: nothing written
     run_cli("io", *ALLOW, "-c", "write -P 0x33 0 4096", str(overlay), check=True)
-    checked = subprocess.run(["qemu-img", "check", str(overlay)], capture_output=True,
-                             text=True)
+    checked = (subprocess.run(["qemu-img", "check", str(overlay)], capture_output=True,
+                              text=True) if fmt == "qcow2"
+               else run_cli("check", *ALLOW, str(overlay)))
     assert checked.returncode == 0, checked.stdout + checked.stderr
     _replace_on_server(served, name)
     line = _one_line(run_cli("map", *ALLOW, str(overlay)))
