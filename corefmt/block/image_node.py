@@ -20,6 +20,7 @@ import attrs
 from corefmt.block.align import align_down, align_up, aligned_range, write_unaligned
 from corefmt.block.node import PREALLOCATION_OFF, ROLE_FILE, BlockNode
 from corefmt.block.status_cache import ChainStatusCache
+from corefmt.buffers import is_zero
 from corefmt.driver import FormatDriver, Image, ImageContext, accepts_keyword, supports
 from corefmt.errors import CorefmtError, ImageError, NotSupported, RangeError
 from corefmt.extents import ChainExtent, Extent, merge_runs
@@ -478,7 +479,7 @@ class ImageNode(BlockNode):
                         continue  # a guest write landed meanwhile: it wins
                     fill = self._fill_data(own.offset, own.length, offset, data)
                     attempted = True
-                    if fill.count(0) == len(fill) and supports(self._image, "write_zeroes"):
+                    if is_zero(fill) and supports(self._image, "write_zeroes"):
                         self._zero_with_driver(own.offset, own.length, _FILL)
                     else:
                         self._write_aligned(own.offset, memoryview(fill), _FILL)
@@ -513,15 +514,19 @@ class ImageNode(BlockNode):
         return True
 
     def _fill_data(self, start: int, length: int, offset: int,
-                   data: bytes | memoryview | None) -> bytes | bytearray:
+                   data: bytes | memoryview | None) -> bytes | bytearray | memoryview:
         """Below's bytes for [start, start+length): from ``data`` where it covers
-        them (it was read from below at ``offset``), the rest read now."""
+        them (it was read from below at ``offset``), the rest read now. Where
+        ``data`` covers them all (a prefetch's whole window) it is a view of
+        ``data``, not a copy."""
         if data is None:
             return self.read_below(start, length)
         end = start + length
         known_start, known_end = max(start, offset), min(end, offset + len(data))
         if known_start >= known_end:
             return self.read_below(start, length)
+        if known_start == start and known_end == end:
+            return memoryview(data)[start - offset:end - offset]
         fill = bytearray(length)
         fill[known_start - start:known_end - start] = data[known_start - offset:
                                                            known_end - offset]
