@@ -24,6 +24,11 @@ WINDOW_MAX = 4 * 1024 * 1024
 CACHE_BYTES = 16 * 1024 * 1024
 #: Sequential streams told apart at once (one per reading thread, say).
 STREAMS = 8
+#: A read this long goes straight to the store even in a sequential stream:
+#: its round trip is amortised already, and the callers that read this much
+#: (convert, prefetch) keep several reads in flight. Reading ahead would only
+#: copy every byte once more, through a freshly allocated window.
+DIRECT_READ = 1024 * 1024
 
 Fetch = Callable[[int, memoryview], None]
 
@@ -32,8 +37,10 @@ class ReadAhead:
     """Serves ``readinto`` from fetched windows where reads are sequential."""
 
     def __init__(self, fetch: Fetch, size: int, *, window_start: int = WINDOW_START,
-                 window_max: int = WINDOW_MAX, cache_bytes: int = CACHE_BYTES):
+                 window_max: int = WINDOW_MAX, cache_bytes: int = CACHE_BYTES,
+                 direct_read: int = DIRECT_READ):
         self._fetch = fetch
+        self._direct_read = direct_read
         self._size = size
         self._window_start = window_start
         self._window_max = window_max
@@ -60,7 +67,7 @@ class ReadAhead:
                       else min(self._window_max, max(self._window_start, 2 * previous)))
             self._note(end, window)
         span = min(window, self._size - offset)
-        if span <= length:  # random, or at least a window long: straight in
+        if span <= length or length >= self._direct_read:  # random, or long: straight in
             self._fetch(offset, view)
             return
         block = bytearray(span)

@@ -75,3 +75,14 @@ def test_windows_stop_at_the_end_and_the_cache_stays_bounded(store: CountingStor
     before = len(store.requests)
     assert _read(cache, 0, block) == store.data[:block]
     assert len(store.requests) == before + 1
+
+
+def test_long_sequential_reads_go_straight_to_the_store(store: CountingStore):
+    """Reads of direct_read bytes or more are never widened into windows
+    (each would be copied once more, through a window of its own)."""
+    cache = ReadAhead(store.fetch, SIZE, window_start=START, window_max=4 * MAXIMUM,
+                      cache_bytes=8 * BUDGET, direct_read=256 * KiB)
+    for offset in range(0, 2048 * KiB, 256 * KiB):
+        assert _read(cache, offset, 256 * KiB) == store.data[offset:offset + 256 * KiB]
+    assert store.requests == [(offset, 256 * KiB) for offset in range(0, 2048 * KiB, 256 * KiB)]
+    assert cache.hits == 0
