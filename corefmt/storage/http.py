@@ -597,9 +597,24 @@ class HttpStorageDriver(RangedStorageDriver):
         self.prefix = f"{scheme}://"
         #: The netrc file's host entries, read on first need.
         self._netrc_hosts: dict[str, tuple[str, str | None, str | None]] | None = None
+        #: Logins typed in URLs this run, by server (scheme, host, port): in
+        #: memory only, for the images on the same server that those name.
+        self._typed_logins: dict[tuple[str, str | None, int | None], str] = {}
 
     def target(self, path: str) -> Target:
-        return Target.parse(path, self._netrc_login)
+        parts = urlsplit(path)
+        if "@" in parts.netloc:
+            typed = unquote(parts.netloc.rsplit("@", 1)[0])
+            with self._client_lock:
+                self._typed_logins[_origin(path)] = typed if ":" in typed else typed + ":"
+        return Target.parse(path, lambda host: self._login(path, host))
+
+    def _login(self, url: str, host: str) -> str | None:
+        """For a URL that names no login: the one typed this run for its
+        server (an image's relative siblings are on it), else netrc's."""
+        with self._client_lock:
+            typed = self._typed_logins.get(_origin(url))
+        return typed if typed is not None else self._netrc_login(host)
 
     def _netrc_login(self, host: str) -> str | None:
         """The login ``~/.netrc`` (or ``$NETRC``) has for ``host``, read once,

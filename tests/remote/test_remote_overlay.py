@@ -553,3 +553,25 @@ def test_a_base_recorded_without_credentials_logs_in_from_netrc(
             assert (authorization in relay.sent) == sent
     finally:
         relay.close()
+
+
+def test_a_login_typed_for_an_image_reaches_its_siblings_on_the_same_server(
+        served: Served, serve: Callable[..., Nginx], tmp_path: Path):
+    """The top's URL carries the login; its base is a relative name on the
+    same server: the base is read with the same login (this run only), not
+    with netrc's or none."""
+    top = tmp_path / "top.qcow2"
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", "-b", "disk.qcow2", "-F", "qcow2",
+                    "-u", str(top), str(IMAGE_SIZE)], check=True, capture_output=True)
+    server = serve({"disk.qcow2": served.local("disk.qcow2"), "top.qcow2": top})
+    relay = Relay(_free_port(), server.port)
+    try:
+        url = _with_credentials(relay.url("top.qcow2"))
+        _identical(url, str(served.local("disk.raw")), env=_env({"NETRC": str(tmp_path / "none")}))
+    finally:
+        relay.close()
+    token = base64.b64encode(f"alice:{SECRET}".encode()).decode()
+    requests = [block for block in bytes(relay.sent).split(b"\r\n\r\n") if block.strip()]
+    of_base = [block for block in requests if b" /disk.qcow2 HTTP/" in block]
+    assert of_base and all(f"\r\nAuthorization: Basic {token}".encode() in block
+                           for block in of_base), of_base[:2]
