@@ -12,7 +12,14 @@ from typing import Any
 
 from corefmt.block.chain import open_chain
 from corefmt.cli.progress import QEMU, add_progress_arguments, progress_for
-from corefmt.ops.prefetch import Prefetcher, PrefetchState, PrefetchStatus
+from corefmt.ops.prefetch import (
+    BACKGROUND_NICE,
+    Prefetcher,
+    PrefetchState,
+    PrefetchStatus,
+    lower_priority,
+    thread_nice,
+)
 
 EXIT_OK, EXIT_ERROR = 0, 1
 
@@ -30,7 +37,8 @@ def add_prefetch_parser(verbs: Any) -> None:
     _add_image_opts(parser)
     add_progress_arguments(parser)
     parser.add_argument("--no-throttle", dest="throttle", action="store_false",
-                        help="never pause (the base's throughput floor is not watched)")
+                        help="never pause (the base's throughput floor is not watched), "
+                             "and run at the caller's CPU priority")
     parser.add_argument("--output", choices=("human", "json"), default="human")
     parser.add_argument("filename")
     parser.set_defaults(run=cmd_prefetch)
@@ -41,11 +49,13 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
 
     if args.output == "json" and args.progress == QEMU:
         args.progress = None  # qemu-img's -p line shares stdout: not with JSON
+    if args.throttle:  # background work: the whole process yields the CPU
+        lower_priority(thread_nice(), BACKGROUND_NICE)
     with progress_for(args, "prefetch") as progress, \
             open_chain(_image(args, "filename", args.format), args.format,
                        allow_protocols=_protocols(args)) as node:
         had_backing = node.layer().backing is not None
-        status = Prefetcher(node, throttle=args.throttle, progress=progress).run()
+        status = Prefetcher(node, throttle=args.throttle, progress=progress, nice=0).run()
     if args.output == "json":
         print(json.dumps(status.as_dict(), indent=4))
     elif not args.quiet:

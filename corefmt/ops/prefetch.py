@@ -30,7 +30,9 @@ record that the backing is no longer needed (FVD's all_data_in_fvd_img).
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import os
 import queue
 import random
 import threading
@@ -166,6 +168,36 @@ class _Latency:
 _ZEROS = b""
 
 
+#: How much nicer (lower CPU priority) than the thread that starts them a
+#: throttled prefetch's own threads run. FVD's prefetch must not slow the VMs
+#: already running; on a fast link what they share is the CPU, which the
+#: original's throughput floor never sees.
+BACKGROUND_NICE = 10
+#: The lowest priority Linux has.
+MAX_NICE = 19
+
+
+def thread_nice() -> int | None:
+    """The calling thread's nice value (Linux keeps one per thread), or None
+    where the platform cannot tell."""
+    try:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    except (AttributeError, OSError):
+        return None
+
+
+def lower_priority(base: int | None, by: int) -> None:
+    """Run the calling thread ``by`` nicer than ``base`` (never less nice than
+    it is: raising priority needs privileges). Threads it starts inherit it."""
+    if base is None or by <= 0:
+        return
+    with contextlib.suppress(AttributeError, OSError):
+        tid = threading.get_native_id()
+        wanted = min(MAX_NICE, base + by)
+        if wanted > os.getpriority(os.PRIO_PROCESS, tid):
+            os.setpriority(os.PRIO_PROCESS, tid, wanted)
+
+
 def _zeros(length: int) -> bytes:
     global _ZEROS
     if len(_ZEROS) < length:
@@ -175,20 +207,25 @@ def _zeros(length: int) -> bytes:
 
 class Prefetcher:
     """Fills one layer from the chain below; ``run`` in this thread, or
-    ``start`` in the background (the prefetch filter does)."""
+    ``start`` in the background (the prefetch filter does).
+
+    A throttled prefetch's own threads (the background one, the reader) run
+    ``nice`` (default BACKGROUND_NICE) lower in CPU priority than the thread
+    that started them; the caller's thread keeps its own."""
 
     def __init__(self, node: BlockNode, tuning: PrefetchTuning | None = None, *,
                  throttle: bool = True, progress: ProgressFn | None = None,
                  checkpoint_bytes: int = CHECKPOINT_BYTES,
                  rng: random.Random | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 above: BlockNode | None = None):
+                 above: BlockNode | None = None, nice: int | None = None):
         self.layer = node.layer()
         #: Copy only what the layers above this one decide (stream's base):
         #: the rest stays to be read from it, so the layer is never complete.
         self.above = above.layer() if above is not None else None
         self.tuning = tuning or fill_policy(self.layer).prefetch
         self.throttle = throttle and self.tuning.throttle_ms > 0
+        self.nice = (BACKGROUND_NICE if self.throttle else 0) if nice is None else nice
         self.progress = progress
         self.checkpoint_bytes = checkpoint_bytes
         self.rng = rng or random.Random()
@@ -200,6 +237,8 @@ class Prefetcher:
         #: The store loop ended a pipelined pass early: its reader stops.
         self._halted = False
         self._thread: threading.Thread | None = None
+        #: The ident of the background thread, once it runs (see start).
+        self._in_background: int | None = None
         self._since_checkpoint = 0
         unit = max(self.layer.limits.copy_granularity, self.layer.request_alignment, 1)
         self.unit = unit
@@ -217,7 +256,7 @@ class Prefetcher:
         """Prefetch in a background thread, after ``delay`` seconds."""
         if self._thread is not None:
             return
-        self._thread = threading.Thread(target=self._background, args=(delay,),
+        self._thread = threading.Thread(target=self._background, args=(delay, thread_nice()),
                                         name="corefmt-prefetch", daemon=True)
         self._thread.start()
 
@@ -245,7 +284,9 @@ class Prefetcher:
             self._latency.add(seconds, busy, self.clock())
 
     # -- running ------------------------------------------------------------------
-    def _background(self, delay: float) -> None:
+    def _background(self, delay: float, starter_nice: int | None) -> None:
+        lower_priority(starter_nice, self.nice)
+        self._in_background = threading.get_ident()
         if delay > 0 and self._wake.wait(delay) and self._stopping:
             self._set_state(PrefetchState.STOPPED)
             return
@@ -319,7 +360,12 @@ class Prefetcher:
         filled: queue.Queue[tuple[int, int, bytes] | BaseException | None] = queue.Queue()
         free = threading.Semaphore(self.tuning.slots)
 
+        starter_nice = thread_nice()
+        # The background thread is lowered already; its reader inherits that.
+        lower_by = 0 if threading.get_ident() == self._in_background else self.nice
+
         def reader() -> None:
+            lower_priority(starter_nice, lower_by)
             try:
                 for start, run in pieces:
                     while not free.acquire(timeout=SLOT_POLL):

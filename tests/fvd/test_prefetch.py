@@ -346,3 +346,62 @@ def test_prefetch_json_is_parseable_with_progress_and_says_self_contained(tmp_pa
         assert status == 0, err
         result = json.loads(out)
         assert result["state"] == "finished" and result["self-contained"] is True
+
+
+def _nice_while_fetching(monkeypatch) -> list[int]:
+    """The nice value of each thread that fetches from the base."""
+    from corefmt.ops.prefetch import thread_nice
+
+    seen: list[int] = []
+    fetch = Prefetcher._fetch
+
+    def recording(self, start, run):
+        seen.append(thread_nice())
+        return fetch(self, start, run)
+
+    monkeypatch.setattr(Prefetcher, "_fetch", recording)
+    return seen
+
+
+def test_a_throttled_prefetch_runs_its_threads_nicer_and_leaves_the_callers(
+        tmp_path, monkeypatch):
+    """FVD's prefetch must not slow the VMs already running: its own threads
+    yield the CPU (BACKGROUND_NICE), the caller's thread keeps its priority,
+    and an unthrottled prefetch (the user waits for it) is not lowered."""
+    from corefmt.ops.prefetch import BACKGROUND_NICE, MAX_NICE, thread_nice
+
+    own = thread_nice()
+    if own is None or own >= MAX_NICE:
+        pytest.skip("no per-thread priority to lower here")
+    lowered = min(MAX_NICE, own + BACKGROUND_NICE)
+    seen = _nice_while_fetching(monkeypatch)
+    for name, run, expected in (("background", "start", lowered), ("here", "run", lowered),
+                                ("unthrottled", "run", own)):
+        (tmp_path / name).mkdir()
+        _, top, _ = _pair(tmp_path / name)
+        seen.clear()
+        with corefmt.open(str(top), "fvd") as node:
+            prefetch = Prefetcher(node, throttle=name != "unthrottled")
+            if run == "start":
+                prefetch.start()
+                assert prefetch.wait(30)
+            else:
+                prefetch.run()
+            assert prefetch.status.state is PrefetchState.FINISHED
+        assert seen and set(seen) == {expected}, name
+        assert thread_nice() == own
+
+
+def test_the_prefetch_verb_yields_the_cpu_unless_told_not_to_throttle(tmp_path, monkeypatch):
+    import corefmt.cli.prefetch as verb
+    from corefmt.cli.main import main
+    from corefmt.ops.prefetch import BACKGROUND_NICE
+
+    lowered: list[int] = []
+    monkeypatch.setattr(verb, "lower_priority", lambda base, by: lowered.append(by))
+    for name, extra, expected in (("a", [], [BACKGROUND_NICE]), ("b", ["--no-throttle"], [])):
+        (tmp_path / name).mkdir()
+        _, top, _ = _pair(tmp_path / name, size=4 * MiB)
+        lowered.clear()
+        assert main(["prefetch", "-q", *extra, str(top)]) == 0
+        assert lowered == expected
