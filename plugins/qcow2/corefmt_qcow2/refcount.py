@@ -274,8 +274,11 @@ class Refcounts:
         # every multi-cluster allocation (a rebase's writes rescanned the
         # whole image each time). One at refcount 0 stops it: quarantined
         # or reserved, it is free later.
-        while self.free_index < self.high_water and self.get(self.free_index) != 0:
-            self.free_index += 1
+        while self.free_index < self.high_water:
+            used = self._used_run(self.free_index)
+            if not used:
+                break
+            self.free_index = min(self.high_water, self.free_index + used)
         cluster, run = self.free_index, 0
         while run < count and cluster + run < self.high_water:
             if self._is_free(cluster + run):
@@ -283,6 +286,33 @@ class Refcounts:
             else:
                 cluster, run = cluster + run + 1, 0
         return cluster
+
+    def _used_run(self, cluster: int) -> int:
+        """How many clusters from ``cluster`` on, inside its refcount block,
+        have a refcount (0: it has none). Byte-wide entries are searched for
+        a zero entry at C speed: a rebase of a 1.7 GB image spent 65 ms
+        asking them one by one on its first allocation."""
+        block_index, index = divmod(cluster, self.entries_per_block)
+        offset = self.block_offset(block_index)
+        if not offset:
+            return 0
+        with self.cache.get(offset) as handle:
+            data = bytes(handle.data)
+        if self.bits < 8:  # sub-byte entries: one by one, from the block in hand
+            run = index
+            while run < self.entries_per_block and get_refcount(data, run, self.bits):
+                run += 1
+            return run - index
+        width = self.bits // 8
+        zero = bytes(width)
+        position = index * width
+        while True:
+            found = data.find(zero, position)
+            if found < 0:
+                return self.entries_per_block - index
+            if found % width == 0:
+                return found // width - index
+            position = found + width - found % width  # a match across entries
 
     # -- refcount blocks and the table -----------------------------------------------
     def _ensure_block(self, block_index: int) -> int:
