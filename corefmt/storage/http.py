@@ -158,7 +158,8 @@ class _Client:
             if response.status not in HTTP_STALE_LOCATION:
                 return response
             _discard(response)  # where the redirect led no longer serves it: ask again
-            target.location = None
+            if target.location == remembered:  # (not a fresher one another thread found)
+                target.location = None
         return self._following(method, target, target.wire(method), headers)
 
     def _following(self, method: str, target: Target, url: str, headers: dict[str, str]
@@ -180,8 +181,13 @@ class _Client:
             hops += 1
             if hops > MAX_REDIRECTS:
                 raise CorefmtError(f"{target.shown}: more than {MAX_REDIRECTS} redirects")
-            following = urljoin(url, location)
-            scheme = urlsplit(following).scheme
+            try:
+                following = urljoin(url, location)
+                scheme = urlsplit(following).scheme
+                _ = urlsplit(following).port  # a malformed or impossible port raises
+            except ValueError:
+                raise CorefmtError(f"{target.shown}: {status} to a malformed Location"
+                                   ) from None
             if scheme not in SCHEMES:
                 raise CorefmtError(f"{target.shown}: redirected to '{_place(following)}', "
                                    "which is not http(s)")
@@ -203,6 +209,9 @@ class _Client:
                                          preload_content=False, redirect=False, retries=False)
         except errors.SSLError as error:  # a certificate problem stays one
             raise CorefmtError(f"{target.shown}: TLS failed: {_describe(error)}") from None
+        except errors.LocationValueError:  # its text is the whole URL: never shown
+            raise CorefmtError(f"{target.shown}: cannot request '{_place(url)}': "
+                               "malformed URL") from None
         except errors.HTTPError as error:
             raise _Transient(_describe(error)) from None
         if response.status in HTTP_SERVER_ERRORS or response.status == HTTP_TOO_MANY_REQUESTS:
@@ -250,8 +259,11 @@ def _for_place(headers: dict[str, str], url: str, own: str) -> dict[str, str]:
 def _place(url: str) -> str:
     """A redirect's location as messages show it: no login, no query (a
     signed location carries its signature there)."""
-    parts = urlsplit(without_credentials(url))
-    return parts._replace(query="", fragment="").geturl() + ("?…" if parts.query else "")
+    try:
+        parts = urlsplit(without_credentials(url))
+        return parts._replace(query="", fragment="").geturl() + ("?…" if parts.query else "")
+    except ValueError:
+        return "a malformed URL"
 
 
 def _status(response: urllib3.BaseHTTPResponse) -> str:

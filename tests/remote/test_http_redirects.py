@@ -168,3 +168,17 @@ def test_the_cli_follows_a_redirect_to_another_server(target, redirector, tmp_pa
     compared = run_cli("compare", "-f", "raw", url, str(local),
                        env={**os.environ, ENV_BACKOFF: "0.01"})
     assert compared.returncode == 0, compared.stderr
+
+
+@pytest.mark.parametrize("location", [
+    "http://bob:hunter2@127.0.0.1:99999/x?X-Amz-Signature=SECRETSIG",
+    "http://[::1/x?X-Amz-Signature=SECRETSIG",
+])
+def test_a_malformed_location_is_one_line_without_its_login_or_signature(redirector, location):
+    script, url = redirector
+    script.redirect = location
+    result = run_cli("info", url, env={**os.environ, ENV_BACKOFF: "0.01"})
+    line = _one_line(result)
+    assert line.startswith(f"corefmt: {url}: ") and "malformed" in line, line
+    assert "hunter2" not in line and "SECRETSIG" not in line, line
+    assert len(script.requests) == 1  # not retried as if the network had failed
