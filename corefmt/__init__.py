@@ -176,12 +176,15 @@ def open(image: str | Mapping[str, Any], format: str | None = None, *,
     ``copy_on_read`` copies what reads fetch from below into the image
     (True: as the image asks, FVD asynchronously; or "sync"/"async");
     ``prefetch`` fills the whole image from below in the background while
-    it is in use (``node.filter.prefetcher`` reports and stops it).
+    it is in use (``node.filter.prefetcher`` reports and stops it). A
+    read-write open of an overlay that records no version of its remote
+    base records the one it meets (trust on first use).
     """
     return open_chain(image, format, read_only=read_only, backing=backing,
                       copy_on_read=copy_on_read, prefetch=prefetch, direct=direct,
                       options=options,
-                      allow_protocols=allow_protocols, force_share=force_share)
+                      allow_protocols=allow_protocols, force_share=force_share,
+                      record_base_version=True)
 
 
 def prefetch(image: str | Mapping[str, Any], format: str | None = None, *,

@@ -117,8 +117,13 @@ class GraphBuilder:
     def __init__(self, registry: Registry, *, direct: bool = False,
                  max_depth: int = MAX_CHAIN_DEPTH,
                  allow_protocols: Collection[str] = (), force_share: bool = False,
-                 for_check: bool = False):
+                 for_check: bool = False, record_base_version: bool = False):
         self.registry = registry
+        #: Let overlays that record no version of their remote base record
+        #: the one met now (see _record_first_version): for opens that use
+        #: the image as a disk, not for verbs that may still refuse to act.
+        self.record_base_version = record_base_version
+        self._first_versions: list[tuple[ImageNode, BackingRef, BlockNode]] = []
         self.direct = direct
         self.max_depth = max_depth
         self.allow_protocols = frozenset(allow_protocols)
@@ -137,6 +142,9 @@ class GraphBuilder:
             if backing:
                 for node in list(self.wanting_backing):
                     self._open_recorded_chain(node, top)
+            # Once the whole graph opened, and before a filter starts work on it.
+            for node, reference, below in self._first_versions:
+                _record_first_version(node, reference, below)
             for node in self.opened:  # filters that predate the hook lack it
                 started = getattr(getattr(node, "filter", None), "graph_complete", None)
                 if isinstance(node, FilterNode) and callable(started):
@@ -356,7 +364,8 @@ class GraphBuilder:
                     f"{top.filename}: backing chain is deeper than {self.max_depth} images")
             below = self._open_backing(node, reference, seen)
             node.set_backing(below)
-            _record_first_version(node, reference, below)
+            if self.record_base_version:
+                self._first_versions.append((node, reference, below))
             node = below
 
     def check_name_from_image(self, name: str, holder: BlockNode, what: str) -> None:
@@ -471,7 +480,8 @@ def open_graph(image: str | Mapping[str, Any], format: str | None = None, *,
                direct: bool = False, options: Mapping[str, Any] | None = None,
                registry: Registry | None = None,
                max_depth: int = MAX_CHAIN_DEPTH, allow_protocols: Collection[str] = (),
-               force_share: bool = False, for_check: bool = False) -> BlockNode:
+               force_share: bool = False, for_check: bool = False,
+               record_base_version: bool = False) -> BlockNode:
     """Open an image (filename, ``json:`` name or spec dict) with its graph.
 
     ``copy_on_read`` puts a copy-on-read filter on top (True: in the mode the
@@ -479,7 +489,9 @@ def open_graph(image: str | Mapping[str, Any], format: str | None = None, *,
     ``prefetch`` a prefetch filter above it (background prefetch).
     ``allow_protocols`` lists storage protocols (and ``json``) that names
     read from images may select; ``force_share`` opens without taking the
-    image's locks (qemu-img -U), for read-only use.
+    image's locks (qemu-img -U), for read-only use. ``record_base_version``:
+    an overlay opened read-write that records no version of its remote base
+    records the one it meets (trust on first use), once the graph is open.
     """
     registry = registry or plugins.registry()
     spec = to_spec(image, format, options)
@@ -495,7 +507,7 @@ def open_graph(image: str | Mapping[str, Any], format: str | None = None, *,
         raise OptionError("force-share=on can only be used with read-only images")
     builder = GraphBuilder(registry, direct=direct, max_depth=max_depth,
                            allow_protocols=allow_protocols, force_share=force_share,
-                           for_check=for_check)
+                           for_check=for_check, record_base_version=record_base_version)
     return builder.build(spec, read_only=read_only, backing=backing)
 
 
@@ -513,14 +525,15 @@ def open_chain(path: str | Mapping[str, Any], format: str | None = None, *,
                max_depth: int = MAX_CHAIN_DEPTH,
                options: Mapping[str, Any] | None = None,
                allow_protocols: Collection[str] = (), force_share: bool = False,
-               for_check: bool = False) -> BlockNode:
+               for_check: bool = False, record_base_version: bool = False) -> BlockNode:
     """Open ``path`` and (unless ``backing`` is False) every image below it
-    (``for_check``: for ``check``, see ``ImageContext.for_check``)."""
+    (``for_check``: for ``check``, see ``ImageContext.for_check``;
+    ``record_base_version``: see ``open_graph``)."""
     return open_graph(path, format, read_only=read_only, backing=backing,
                       copy_on_read=copy_on_read, prefetch=prefetch, direct=direct,
                       options=options, registry=registry, max_depth=max_depth,
                       allow_protocols=allow_protocols, force_share=force_share,
-                      for_check=for_check)
+                      for_check=for_check, record_base_version=record_base_version)
 
 
 __all__ = ["ROLE_BACKING", "GraphBuilder", "open_chain", "open_graph", "open_node",

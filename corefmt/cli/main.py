@@ -383,7 +383,7 @@ def cmd_io(args: argparse.Namespace) -> int:
     with open_chain(_image(args, "filename", args.format), args.format,
                     read_only=args.read_only, copy_on_read=args.copy_on_read,
                     allow_protocols=_protocols(args),
-                    force_share=args.force_share) as node:
+                    force_share=args.force_share, record_base_version=True) as node:
         from corefmt.cli.iocmd import run_commands
 
         status = run_commands(node, args.commands or [])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import threading
 from typing import Any
 
 from corefmt.block.chain import open_chain
@@ -49,18 +50,46 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
 
     if args.output == "json" and args.progress == QEMU:
         args.progress = None  # qemu-img's -p line shares stdout: not with JSON
-    if args.throttle:  # background work: the whole process yields the CPU
-        lower_priority(thread_nice(), BACKGROUND_NICE)
     with progress_for(args, "prefetch") as progress, \
             open_chain(_image(args, "filename", args.format), args.format,
-                       allow_protocols=_protocols(args)) as node:
+                       allow_protocols=_protocols(args), record_base_version=True) as node:
         had_backing = node.layer().backing is not None
-        status = Prefetcher(node, throttle=args.throttle, progress=progress, nice=0).run()
+        prefetcher = Prefetcher(node, throttle=args.throttle, progress=progress, nice=0)
+        status = _run_yielding(prefetcher, BACKGROUND_NICE if args.throttle else 0)
     if args.output == "json":
         print(json.dumps(status.as_dict(), indent=4))
     elif not args.quiet:
         print(_summary(args.filename, status, had_backing))
     return EXIT_OK if status.state is PrefetchState.FINISHED else EXIT_ERROR
+
+
+def _run_yielding(prefetcher: Prefetcher, nice: int) -> PrefetchStatus:
+    """Run the prefetch on a thread of its own, ``nice`` levels lower in CPU
+    priority (its reader inherits that): background work yields the CPU to
+    the VMs on the host, and the caller's thread keeps its priority (a
+    lowered one could not be raised again without privileges)."""
+    outcome: list[PrefetchStatus | BaseException] = []
+    starter = thread_nice()
+
+    def work() -> None:
+        lower_priority(starter, nice)
+        try:
+            outcome.append(prefetcher.run())
+        except BaseException as error:  # re-raised on the caller's thread
+            outcome.append(error)
+
+    worker = threading.Thread(target=work, name="corefmt-prefetch")
+    worker.start()
+    try:
+        worker.join()
+    except BaseException:  # Ctrl-C: stop after the piece in hand
+        prefetcher.stop()
+        worker.join()
+        raise
+    result = outcome[0]
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
 
 def _summary(name: str, status: PrefetchStatus, had_backing: bool) -> str:

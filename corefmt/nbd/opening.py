@@ -58,7 +58,8 @@ def open_for_export(image: Image, format: str | None = None, *, read_only: bool 
     mode = cache_mode(cache, aio, image)
     options = {"cache": {"no-flush": True}} if mode.no_flush else None
     common: dict[str, Any] = dict(copy_on_read=copy_on_read, direct=mode.direct,
-                                  options=options, allow_protocols=allow_protocols)
+                                  options=options, allow_protocols=allow_protocols,
+                                  record_base_version=True)
     if not snapshot:
         with open_chain(image, format, read_only=read_only, **common) as node:
             yield node, mode

@@ -169,6 +169,12 @@ def test_an_overlay_without_a_record_records_its_first_read_write_open(
     made = overlay.read_bytes()
     assert run_cli("map", *ALLOW, str(overlay)).returncode == 0
     assert overlay.read_bytes() == made  # read-only: nothing written
+    # Verbs that open read-write but refuse to act leave it as it was, as qemu-img does.
+    for refused in (("rebase", *ALLOW, "-b", str(tmp_path / "missing.qcow2"), "-F", "qcow2",
+                     str(overlay)),
+                    ("resize", *ALLOW, str(overlay), "-1G")):
+        assert run_cli(*refused).returncode != 0, refused
+        assert overlay.read_bytes() == made, refused
     run_cli("io", *ALLOW, "-c", "write -P 0x33 0 4096", str(overlay), check=True)
     checked = (subprocess.run(["qemu-img", "check", str(overlay)], capture_output=True,
                               text=True) if fmt == "qcow2"
