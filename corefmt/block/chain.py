@@ -25,7 +25,7 @@ from corefmt.block.image_node import ImageNode, Reopener
 from corefmt.block.imagespec import is_json_filename, parse_json_filename
 from corefmt.block.node import ROLE_BACKING, BlockNode
 from corefmt.capabilities import HeaderFull
-from corefmt.credentials import without_credentials
+from corefmt.credentials import Logins, without_credentials
 from corefmt.driver import BackingRef, FormatDriver, ImageContext, accepts_keyword, supports
 from corefmt.errors import BackingChainError, CorefmtError, NotSupported, OptionError
 from corefmt.filters.base import LAYER_STORAGE, FilterContext
@@ -124,6 +124,8 @@ class GraphBuilder:
         #: the image as a disk, not for verbs that may still refuse to act.
         self.record_base_version = record_base_version
         self._first_versions: list[tuple[ImageNode, BackingRef, BlockNode]] = []
+        #: Logins typed in this open's URLs, for stores that take them.
+        self.logins = Logins()
         self.direct = direct
         self.max_depth = max_depth
         self.allow_protocols = frozenset(allow_protocols)
@@ -317,9 +319,10 @@ class GraphBuilder:
         storage_driver = (self.registry.storages[name]
                           if name in self.registry.storages and name != "file"
                           else self.registry.storage_for(filename))
-        extra = ({"force_share": True}
-                 if self.force_share and accepts_keyword(storage_driver.open, "force_share")
-                 else {})
+        extra: dict[str, Any] = ({"force_share": True} if self.force_share and
+                                 accepts_keyword(storage_driver.open, "force_share") else {})
+        if accepts_keyword(storage_driver.open, "logins"):  # shared within this open only
+            extra["logins"] = self.logins
         storage = storage_driver.open(filename, read_only=read_only, direct=self.direct, **extra)
         if self.no_flush and not read_only:
             ignore_flushes(storage)
@@ -335,7 +338,7 @@ class GraphBuilder:
         if override is None:
             self.check_name_from_image(path, node, role.replace("_", " ") + " name")
             target = self.registry.resolve(path, node.filename)
-            if not self.registry.storage_for(target).exists(target):
+            if not self._exists(target):
                 raise CorefmtError(f"Could not open {role} '{printable(target)}' of "
                                    f"'{node.filename}': No such file or directory")
             override = {KEY_FILE: {KEY_FILENAME: target}}
@@ -350,6 +353,14 @@ class GraphBuilder:
             child = self.open(override, read_only=read_only)
         node.add_child(role, child)
         return child
+
+    def _exists(self, target: str) -> bool:
+        """Whether the store has ``target``, asked with this open's logins
+        where the storage driver takes them."""
+        driver = self.registry.storage_for(target)
+        if accepts_keyword(driver.exists, "logins"):
+            return bool(driver.exists(target, logins=self.logins))
+        return bool(driver.exists(target))
 
     # -- the recorded chain ---------------------------------------------------------
     def _open_recorded_chain(self, start: ImageNode, top: BlockNode) -> None:
@@ -404,7 +415,7 @@ class GraphBuilder:
             raise BackingChainError(
                 f"{node.filename}: backing file '{printable(reference.path)}' "
                 "makes a loop in the chain")
-        if not self.registry.storage_for(target).exists(target):
+        if not self._exists(target):
             raise BackingChainError(
                 f"Could not open backing file '{printable(target)}' of '{node.filename}': "
                 "No such file or directory")

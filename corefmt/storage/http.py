@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, ClassVar, TypeVar
 from urllib.parse import unquote, urljoin, urlsplit
 
 from corefmt import sync
-from corefmt.credentials import without_credentials
+from corefmt.credentials import Logins, without_credentials
 from corefmt.errors import CorefmtError, ReadOnlyError
 from corefmt.storage.base import Storage, StorageDriver
 from corefmt.storage.readahead import ReadAhead
@@ -519,14 +519,21 @@ class RangedStorageDriver(StorageDriver):
         """How ``path`` is reached and shown (its credentials kept out of the
         name); a malformed path is refused here."""
 
+    def target_with(self, path: str, logins: Logins) -> Target:
+        """``target``, sharing logins with the other stores of one open
+        (a driver whose credentials come from elsewhere ignores them)."""
+        return self.target(path)
+
     def client(self) -> _Client:
         with self._client_lock:
             if self._client is None:
                 self._client = _Client(self._settings or HttpSettings.from_environment())
             return self._client
 
-    def open(self, path: str, *, read_only: bool, direct: bool = False) -> HttpStorage:
-        target = self.target(path)
+    def open(self, path: str, *, read_only: bool, direct: bool = False,
+             logins: Logins | None = None) -> HttpStorage:
+        """``logins``: the logins of one open of a graph (see Logins)."""
+        target = self.target(path) if logins is None else self.target_with(path, logins)
         if not read_only:
             raise CorefmtError(f"Could not open '{target.shown}': {self.name} storage is "
                                "read-only (open the image read-only)")
@@ -537,10 +544,10 @@ class RangedStorageDriver(StorageDriver):
         raise CorefmtError(f"Could not create '{self.target(path).shown}': {self.name} "
                            "storage is read-only")
 
-    def exists(self, path: str) -> bool:
+    def exists(self, path: str, logins: Logins | None = None) -> bool:
         """False only when the server says so (404, 410): any other problem
         is left to ``open``, which reports it properly."""
-        target = self.target(path)
+        target = self.target(path) if logins is None else self.target_with(path, logins)
         try:
             response = self.client().request("HEAD", target, target.headers, "open")
         except CorefmtError:
@@ -609,24 +616,20 @@ class HttpStorageDriver(RangedStorageDriver):
         self.prefix = f"{scheme}://"
         #: The netrc file's host entries, read on first need.
         self._netrc_hosts: dict[str, tuple[str, str | None, str | None]] | None = None
-        #: Logins typed in URLs this run, by server (scheme, host, port): in
-        #: memory only, for the images on the same server that those name.
-        self._typed_logins: dict[tuple[str, str | None, int | None], str] = {}
 
     def target(self, path: str) -> Target:
+        return Target.parse(path, self._netrc_login)
+
+    def target_with(self, path: str, logins: Logins) -> Target:
+        """A login in ``path`` serves the other images of the same open on
+        its server (an image's relative siblings); a URL without one takes
+        that login, else netrc's."""
         parts = urlsplit(path)
         if "@" in parts.netloc:
             typed = unquote(parts.netloc.rsplit("@", 1)[0])
-            with self._client_lock:
-                self._typed_logins[_origin(path)] = typed if ":" in typed else typed + ":"
-        return Target.parse(path, lambda host: self._login(path, host))
-
-    def _login(self, url: str, host: str) -> str | None:
-        """For a URL that names no login: the one typed this run for its
-        server (an image's relative siblings are on it), else netrc's."""
-        with self._client_lock:
-            typed = self._typed_logins.get(_origin(url))
-        return typed if typed is not None else self._netrc_login(host)
+            logins.remember(_origin(path), typed if ":" in typed else typed + ":")
+        return Target.parse(path, lambda host: logins.get(_origin(path))
+                            or self._netrc_login(host))
 
     def _netrc_login(self, host: str) -> str | None:
         """The login ``~/.netrc`` (or ``$NETRC``) has for ``host``, read once,

@@ -311,3 +311,21 @@ def test_credentials_in_a_json_backing_name_stay_out_of_the_image(served: Served
     assert "s3cret" not in created.stdout
     assert b"s3cret" not in overlay.read_bytes()
     assert "s3cret" not in run_cli("info", str(overlay), check=True).stdout
+
+
+def test_a_typed_login_stays_within_its_own_open(script: Script, url: str, monkeypatch):
+    """The login typed for one open serves the images of that open only: a
+    later open of the same server in the same process (another tenant of a
+    long-running program) sends none."""
+    import base64
+
+    with_login = url.replace("http://", "http://alice:pw1@", 1)
+    with corefmt.open(with_login, "raw", read_only=True) as node:
+        node.read(0, 512)
+    basic = "Basic " + base64.b64encode(b"alice:pw1").decode()
+    assert script.authorizations and set(script.authorizations) == {basic}
+    del script.authorizations[:]
+    monkeypatch.setenv("NETRC", os.devnull)
+    with corefmt.open(url, "raw", read_only=True) as node:
+        node.read(4096, 512)
+    assert script.authorizations and set(script.authorizations) == {None}
