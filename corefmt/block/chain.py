@@ -198,7 +198,8 @@ class GraphBuilder:
 
     def _open_image(self, given: Mapping[str, Any], *, read_only: bool,
                     follow_backing: bool = True,
-                    check_storage: Callable[[Storage], None] | None = None) -> ImageNode:
+                    check_storage: Callable[[Storage], None] | None = None,
+                    confined: bool = False) -> ImageNode:
         spec = dict(given)
         driver_name = spec.get(KEY_DRIVER)
         node_name, read_only = self._generic(spec, read_only)
@@ -210,7 +211,8 @@ class GraphBuilder:
                               "(use file.filename=...)")
         backing_spec = spec.pop(KEY_BACKING, _RECORDED)
         data_file_spec = spec.pop(KEY_DATA_FILE, None)
-        storage, filename = self.open_storage(file_spec, read_only=read_only)
+        storage, filename = self.open_storage(file_spec, read_only=read_only,
+                                              confined=confined)
         try:
             if check_storage is not None:  # before a byte of it is read as an image
                 check_storage(storage)
@@ -243,7 +245,8 @@ class GraphBuilder:
 
         node.attach(driver.open(storage, context_in(read_only)))
         node._reopener = Reopener(
-            storage=lambda mode: self.open_storage(file_spec, read_only=mode)[0],
+            storage=lambda mode: self.open_storage(file_spec, read_only=mode,
+                                                   confined=confined)[0],
             context=context_in)
         if backing_spec is _RECORDED:
             if follow_backing:
@@ -277,7 +280,8 @@ class GraphBuilder:
         return node
 
     # -- storage ------------------------------------------------------------------
-    def open_storage(self, given: str | Mapping[str, Any], *, read_only: bool
+    def open_storage(self, given: str | Mapping[str, Any], *, read_only: bool,
+                     confined: bool = False
                      ) -> tuple[Storage, str]:
         """A ``file`` child: a filename, a protocol dict, or storage filters over one."""
         spec = {KEY_FILENAME: given} if isinstance(given, str) else dict(given)
@@ -298,7 +302,8 @@ class GraphBuilder:
             if inner is None:
                 raise OptionError(f"the {name} filter needs an '{driver.child_key}' child")
             options = build_open_options(driver, spec, "filter")
-            storage, filename = self.open_storage(inner, read_only=read_only)
+            storage, filename = self.open_storage(inner, read_only=read_only,
+                                                  confined=confined)
             try:
                 wrapped = driver.wrap(storage, options)
                 locking.track(wrapped, force_share=force_share, inner=storage)
@@ -323,6 +328,8 @@ class GraphBuilder:
                                  accepts_keyword(storage_driver.open, "force_share") else {})
         if accepts_keyword(storage_driver.open, "logins"):  # shared within this open only
             extra["logins"] = self.logins
+        if confined and accepts_keyword(storage_driver.open, "confined"):
+            extra["confined"] = True
         storage = storage_driver.open(filename, read_only=read_only, direct=self.direct, **extra)
         if self.no_flush and not read_only:
             ignore_flushes(storage)
@@ -353,6 +360,12 @@ class GraphBuilder:
             child = self.open(override, read_only=read_only)
         node.add_child(role, child)
         return child
+
+    def _confined(self, name: str) -> bool:
+        """A name read from an image whose protocol the user did not allow
+        may reach only the store it names (check_name_from_image let it
+        through as a sibling): its server may not redirect it elsewhere."""
+        return self.registry.storage_for(name).name not in self.allow_protocols
 
     def _exists(self, target: str) -> bool:
         """Whether the store has ``target``, asked with this open's logins
@@ -429,7 +442,8 @@ class GraphBuilder:
 
         try:
             below = self._open_image(spec, read_only=True, follow_backing=False,
-                                     check_storage=same_version)
+                                     check_storage=same_version,
+                                     confined=self._confined(target))
         except BackingChainError:
             raise
         except CorefmtError as error:

@@ -191,6 +191,11 @@ class _Client:
             if scheme not in SCHEMES:
                 raise CorefmtError(f"{target.shown}: redirected to '{_place(following)}', "
                                    "which is not http(s)")
+            if target.confined and _origin(following) != _origin(target.url):
+                raise CorefmtError(f"{target.shown}: redirected to another server "
+                                   f"({_place(following)}); a name read from an image may "
+                                   f"only lead to its own server (allow it with "
+                                   f"--allow-protocol {urlsplit(target.url).scheme})")
             if urlsplit(url).scheme == "https" and scheme == "http":
                 raise CorefmtError(f"{target.shown}: redirected from https to plain http "
                                    f"({_place(following)}); refusing to leave TLS")
@@ -351,6 +356,8 @@ class Target:
     headers: dict[str, str] = field(default_factory=dict)
     #: Where the last redirects led: later requests go there directly.
     location: str | None = None
+    #: Redirects may not lead to another server (a name read from an image).
+    confined: bool = False
     #: A signed target's URL is valid for its own server only: no redirects.
     follows_redirects: ClassVar[bool] = True
 
@@ -531,9 +538,12 @@ class RangedStorageDriver(StorageDriver):
             return self._client
 
     def open(self, path: str, *, read_only: bool, direct: bool = False,
-             logins: Logins | None = None) -> HttpStorage:
-        """``logins``: the logins of one open of a graph (see Logins)."""
+             logins: Logins | None = None, confined: bool = False) -> HttpStorage:
+        """``logins``: the logins of one open of a graph (see Logins);
+        ``confined``: a name read from an image, whose redirects may not
+        lead to another server."""
         target = self.target(path) if logins is None else self.target_with(path, logins)
+        target.confined = confined
         if not read_only:
             raise CorefmtError(f"Could not open '{target.shown}': {self.name} storage is "
                                "read-only (open the image read-only)")

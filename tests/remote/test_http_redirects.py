@@ -182,3 +182,21 @@ def test_a_malformed_location_is_one_line_without_its_login_or_signature(redirec
     assert line.startswith(f"corefmt: {url}: ") and "malformed" in line, line
     assert "hunter2" not in line and "SECRETSIG" not in line, line
     assert len(script.requests) == 1  # not retried as if the network had failed
+
+
+def test_a_base_named_in_an_image_may_not_be_redirected_to_another_server_unasked(
+        served: Served):
+    """A relative base name passes as a sibling; its server's redirect to
+    another one (here the https port) would bypass that rule: refused unless
+    the user allows the protocol."""
+    if served.nginx.certificate is None:
+        pytest.skip("openssl not installed: no second (https) port")
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", "-u", "-b", "to-tls/disk.qcow2",
+                    "-F", "qcow2", str(served.local("confined-top.qcow2")), "16M"],
+                   check=True, capture_output=True)
+    top = served.url("confined-top.qcow2")
+    trusting = {**os.environ, ENV_CA_FILE: str(served.nginx.certificate[0])}
+    line = _one_line(run_cli("map", top, env=trusting))
+    assert "redirected to another server" in line and "--allow-protocol http" in line, line
+    allowed = run_cli("map", "--allow-protocol", "http", top, env=trusting)
+    assert allowed.returncode == 0, allowed.stderr
