@@ -200,3 +200,22 @@ def test_a_base_named_in_an_image_may_not_be_redirected_to_another_server_unaske
     assert "redirected to another server" in line and "--allow-protocol http" in line, line
     allowed = run_cli("map", "--allow-protocol", "http", top, env=trusting)
     assert allowed.returncode == 0, allowed.stderr
+
+
+def test_s3_does_not_follow_redirects(target, redirector):
+    """A signed request is valid for its endpoint only (and S3 answers a
+    bucket of another region with a 301): the 3xx is reported."""
+    from corefmt.storage.http import _Client, _identify
+    from corefmt.storage.s3 import S3Target
+
+    (_, content_url), (script, url) = target, redirector
+    script.redirect = content_url
+
+    class Unsigned:
+        def presign(self, method, bucket, key):
+            return url
+
+    with pytest.raises(CorefmtError, match=r"^Could not open 's3://bucket/key': HTTP 302 Found$"):
+        _identify(S3Target("bucket", "key", Unsigned()), _Client(FAST))
+    # the plain http path follows the same answer:
+    assert HttpStorageDriver("http", FAST).open(url, read_only=True).size() == MiB
