@@ -293,3 +293,11 @@ def accepts_keyword(method: Callable[..., Any], name: str) -> bool:
     """Whether a driver method takes keyword ``name`` (newer contract) or not."""
     names, takes_any = _parameters_of(getattr(method, "__func__", method))
     return takes_any or name in names
+
+
+def declares_keyword(method: Callable[..., Any], name: str) -> bool:
+    """Whether a method names keyword ``name`` itself: for keywords only some
+    drivers know, which a wrapper taking ``**kwargs`` would pass on to one
+    that does not."""
+    names, _ = _parameters_of(getattr(method, "__func__", method))
+    return name in names

@@ -26,7 +26,14 @@ from corefmt.block.imagespec import is_json_filename, parse_json_filename
 from corefmt.block.node import ROLE_BACKING, BlockNode
 from corefmt.capabilities import HeaderFull
 from corefmt.credentials import Logins, without_credentials
-from corefmt.driver import BackingRef, FormatDriver, ImageContext, accepts_keyword, supports
+from corefmt.driver import (
+    BackingRef,
+    FormatDriver,
+    ImageContext,
+    accepts_keyword,
+    declares_keyword,
+    supports,
+)
 from corefmt.errors import BackingChainError, CorefmtError, NotSupported, OptionError
 from corefmt.filters.base import LAYER_STORAGE, FilterContext
 from corefmt.options import BOOLEAN_WORDS, build_options, to_bool
@@ -326,9 +333,9 @@ class GraphBuilder:
                           else self.registry.storage_for(filename))
         extra: dict[str, Any] = ({"force_share": True} if self.force_share and
                                  accepts_keyword(storage_driver.open, "force_share") else {})
-        if accepts_keyword(storage_driver.open, "logins"):  # shared within this open only
+        if declares_keyword(storage_driver.open, "logins"):  # shared within this open only
             extra["logins"] = self.logins
-        if confined and accepts_keyword(storage_driver.open, "confined"):
+        if confined and declares_keyword(storage_driver.open, "confined"):
             extra["confined"] = True
         storage = storage_driver.open(filename, read_only=read_only, direct=self.direct, **extra)
         if self.no_flush and not read_only:
@@ -371,7 +378,7 @@ class GraphBuilder:
         """Whether the store has ``target``, asked with this open's logins
         where the storage driver takes them."""
         driver = self.registry.storage_for(target)
-        if accepts_keyword(driver.exists, "logins"):
+        if declares_keyword(driver.exists, "logins"):
             return bool(driver.exists(target, logins=self.logins))
         return bool(driver.exists(target))
 
