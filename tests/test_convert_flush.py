@@ -82,3 +82,21 @@ def test_unsafe_convert_to_qcow2_flushes_no_more_than_creating_it(tmp_path, monk
     corefmt.convert(source, target, source_format="raw", target_format="qcow2", cache="unsafe")
     assert len(synced) <= creating
     assert corefmt.compare(source, target).identical
+
+
+def test_a_backings_no_flush_does_not_reach_a_reopen_of_the_top(tmp_path, monkeypatch):
+    """cache.no-flush given for the backing node only: the top, reopened
+    read-write later (as commit and rebase do), still flushes for real."""
+    base, top = str(tmp_path / "base.raw"), str(tmp_path / "top.qcow2")
+    corefmt.create(base, "raw", MiB)
+    corefmt.create(top, "qcow2", MiB, backing=base, backing_format="raw")
+    spec = {"driver": "qcow2", "file": top,
+            "backing": {"driver": "raw", "file": base, "cache": {"no-flush": True}}}
+    synced: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real(fd))[1])
+    with corefmt.open(spec, read_only=True) as node:
+        node.reopen(read_only=False)
+        node.write(0, b"t" * 65536)
+        node.flush()
+    assert synced

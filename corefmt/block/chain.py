@@ -210,6 +210,7 @@ class GraphBuilder:
         spec = dict(given)
         driver_name = spec.get(KEY_DRIVER)
         node_name, read_only = self._generic(spec, read_only)
+        no_flush = self.no_flush  # this node's: a later node's must not reach its reopen
         file_spec = spec.pop(KEY_FILE, None)
         if file_spec is None and KEY_FILENAME in spec:
             file_spec = {KEY_FILENAME: spec.pop(KEY_FILENAME)}
@@ -219,7 +220,7 @@ class GraphBuilder:
         backing_spec = spec.pop(KEY_BACKING, _RECORDED)
         data_file_spec = spec.pop(KEY_DATA_FILE, None)
         storage, filename = self.open_storage(file_spec, read_only=read_only,
-                                              confined=confined)
+                                              confined=confined, no_flush=no_flush)
         try:
             if check_storage is not None:  # before a byte of it is read as an image
                 check_storage(storage)
@@ -233,7 +234,7 @@ class GraphBuilder:
             node = ImageNode(storage=storage, driver=driver,
                              filename=without_credentials(filename),
                              read_only=read_only, hooks=self.hooks, node_name=node_name)
-            node.no_flush = self.no_flush
+            node.no_flush = no_flush
         except BaseException:
             storage.close()
             raise
@@ -253,7 +254,7 @@ class GraphBuilder:
         node.attach(driver.open(storage, context_in(read_only)))
         node._reopener = Reopener(
             storage=lambda mode: self.open_storage(file_spec, read_only=mode,
-                                                   confined=confined)[0],
+                                                   confined=confined, no_flush=no_flush)[0],
             context=context_in)
         if backing_spec is _RECORDED:
             if follow_backing:
@@ -288,7 +289,7 @@ class GraphBuilder:
 
     # -- storage ------------------------------------------------------------------
     def open_storage(self, given: str | Mapping[str, Any], *, read_only: bool,
-                     confined: bool = False
+                     confined: bool = False, no_flush: bool | None = None
                      ) -> tuple[Storage, str]:
         """A ``file`` child: a filename, a protocol dict, or storage filters over one."""
         spec = {KEY_FILENAME: given} if isinstance(given, str) else dict(given)
@@ -310,7 +311,7 @@ class GraphBuilder:
                 raise OptionError(f"the {name} filter needs an '{driver.child_key}' child")
             options = build_open_options(driver, spec, "filter")
             storage, filename = self.open_storage(inner, read_only=read_only,
-                                                  confined=confined)
+                                                  confined=confined, no_flush=no_flush)
             try:
                 wrapped = driver.wrap(storage, options)
                 locking.track(wrapped, force_share=force_share, inner=storage)
@@ -338,7 +339,7 @@ class GraphBuilder:
         if confined and declares_keyword(storage_driver.open, "confined"):
             extra["confined"] = True
         storage = storage_driver.open(filename, read_only=read_only, direct=self.direct, **extra)
-        if self.no_flush and not read_only:
+        if (self.no_flush if no_flush is None else no_flush) and not read_only:
             ignore_flushes(storage)
         if lock_mode not in ("off", False):  # the format node takes the locks it needs
             locking.track(storage, force_share=force_share)
