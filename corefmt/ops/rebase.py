@@ -19,6 +19,8 @@ filled completely and marked).
 from __future__ import annotations
 
 import enum
+import queue
+import threading
 from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any
 
@@ -44,6 +46,10 @@ SECTOR = 512
 #: Own status is walked in windows this long (bounds the extent list).
 STATUS_WINDOW = 1024 * 1024 * 1024
 COMPRESSION_UNSUPPORTED = "Compression not supported for this file format"
+#: Chunks read ahead of the one being compared and written.
+READ_AHEAD_CHUNKS = 2
+#: What the reader puts in its queue besides chunks.
+_DONE, _REPORT = object(), object()
 
 
 class RebaseError(CorefmtError):
@@ -124,7 +130,12 @@ def differing_runs(old: bytes | bytearray | memoryview, new: bytes | bytearray |
 
 
 class _Copier:
-    """Copies into the image what the old chain shows where the new differs."""
+    """Copies into the image what the old chain shows where the new differs.
+
+    A reader thread reads both chains' next chunks while this thread
+    compares and writes the current one: the reads and the writes are the
+    kernel's copies, which then run on two cores instead of one after the
+    other (qemu-img rebase does them in turn)."""
 
     def __init__(self, top: BlockNode, old: BlockNode | None, old_base: BlockNode | None,
                  new: BlockNode | None, new_base: BlockNode | None, *,
@@ -134,36 +145,72 @@ class _Copier:
         self.compress = compress
         self.progress = progress
         self.copied = 0
-        # Reused for every chunk: fresh 4 MiB buffers cost page faults, and
-        # bytes copies of them a second pass over the data.
-        self._buffers = (bytearray(COMPARE_CHUNK), bytearray(COMPARE_CHUNK))
+        self._stopping = False
 
     def run(self) -> int:
-        top = self.top
-        size = top.virtual_size
-        for window in range(0, size, STATUS_WINDOW):
-            window_end = min(window + STATUS_WINDOW, size)
-            for own in top.own_status(window, window_end - window):
-                if not own.allocated:
-                    self._range(own.offset, own.offset + own.length)
-                self._report(own.offset + own.length, size)
-        if not size:
-            self._report(0, 0)
+        # Reused for every chunk (fresh 4 MiB buffers cost page faults): a
+        # pair being compared, one being read, one waiting in between.
+        free: queue.Queue[tuple[bytearray, bytearray]] = queue.Queue()
+        for _ in range(READ_AHEAD_CHUNKS + 1):
+            free.put((bytearray(COMPARE_CHUNK), bytearray(COMPARE_CHUNK)))
+        ready: queue.Queue[Any] = queue.Queue()
+        reader = threading.Thread(target=self._reader, args=(free, ready),
+                                  name="corefmt-rebase-read", daemon=True)
+        reader.start()
+        try:
+            while (item := ready.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                if item[0] is _REPORT:
+                    self._report(item[1], item[2])
+                    continue
+                start, end, views, buffers = item
+                try:
+                    self._compare(start, end, *views)
+                finally:
+                    free.put(buffers)
+        finally:
+            self._stopping = True
+            free.put((bytearray(), bytearray()))  # wakes a reader waiting for buffers
+            reader.join()
         return self.copied
+
+    def _reader(self, free: queue.Queue, ready: queue.Queue) -> None:
+        try:
+            top = self.top
+            size = top.virtual_size
+            for window in range(0, size, STATUS_WINDOW):
+                window_end = min(window + STATUS_WINDOW, size)
+                for own in top.own_status(window, window_end - window):
+                    if not own.allocated:
+                        for start, end, old_side, new_side in self._chunks(own.offset,
+                                                                           own.end):
+                            buffers = free.get()
+                            if self._stopping:
+                                return
+                            views = (self._read(self.old, old_side, start, end, buffers[0]),
+                                     self._read(self.new, new_side, start, end, buffers[1]))
+                            ready.put((start, end, views, buffers))
+                    ready.put((_REPORT, own.offset + own.length, size))
+            if not size:
+                ready.put((_REPORT, 0, 0))
+            ready.put(_DONE)
+        except BaseException as error:  # raised again by run, on its thread
+            ready.put(error)
 
     def _report(self, done: int, total: int) -> None:
         if self.progress is not None:
             self.progress(done, total)
 
-    def _range(self, start: int, end: int) -> None:
+    def _chunks(self, start: int, end: int) -> Iterator[tuple[int, int, Side, Side]]:
+        """The chunks of [start, end) to compare, with what each side shows."""
         old = _side_runs(self.old, self.old_base, start, end)
         new = _side_runs(self.new, self.new_base, start, end)
         for piece_start, piece_end, old_side, new_side in _pieces(old, new):
             if old_side is new_side and old_side is not Side.DATA:
                 continue  # both zeros, or both the common base's bytes
             for chunk in range(piece_start, piece_end, COMPARE_CHUNK):
-                self._compare(chunk, min(chunk + COMPARE_CHUNK, piece_end), old_side,
-                              new_side)
+                yield chunk, min(chunk + COMPARE_CHUNK, piece_end), old_side, new_side
 
     def _read(self, node: BlockNode | None, side: Side, start: int, end: int,
               buffer: bytearray) -> memoryview:
@@ -173,10 +220,7 @@ class _Copier:
         node.readinto(start, view)
         return view
 
-    def _compare(self, start: int, end: int, old_side: Side, new_side: Side) -> None:
-        old_buffer, new_buffer = self._buffers
-        view = self._read(self.old, old_side, start, end, old_buffer)
-        new_data = self._read(self.new, new_side, start, end, new_buffer)
+    def _compare(self, start: int, end: int, view: memoryview, new_data: memoryview) -> None:
         if same_bytes(view, new_data):
             return
         # As qemu-img 7.2: zeroes are written as such only past the old
