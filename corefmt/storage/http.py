@@ -183,8 +183,8 @@ class _Client:
                 raise CorefmtError(f"{target.shown}: more than {MAX_REDIRECTS} redirects")
             try:
                 following = urljoin(url, location)
-                scheme = urlsplit(following).scheme
-                _ = urlsplit(following).port  # a malformed or impossible port raises
+                parts = urlsplit(following)
+                scheme, _ = parts.scheme, parts.port  # a malformed or impossible port raises
             except ValueError:
                 raise CorefmtError(f"{target.shown}: {status} to a malformed Location"
                                    ) from None
@@ -374,17 +374,23 @@ class Target:
         if parts.scheme not in SCHEMES or not parts.hostname:
             raise CorefmtError(f"'{without_credentials(url)}' is not an http(s) URL with a host")
         headers: dict[str, str] = {}
-        credentials = None
-        if "@" in parts.netloc:
-            credentials = unquote(parts.netloc.rsplit("@", 1)[0])
-            if ":" not in credentials:
-                credentials += ":"  # a user without a password
-        elif login is not None:
+        credentials = typed_login(url)
+        if credentials is None and login is not None:
             credentials = login(parts.hostname)
         if credentials is not None:
             token = base64.b64encode(credentials.encode()).decode("ascii")
             headers["Authorization"] = f"Basic {token}"
         return cls(without_credentials(url), without_credentials(url), headers)
+
+
+def typed_login(url: str) -> str | None:
+    """The "user:password" a URL carries (a user without a password gets an
+    empty one), or None."""
+    netloc = urlsplit(url).netloc
+    if "@" not in netloc:
+        return None
+    login = unquote(netloc.rsplit("@", 1)[0])
+    return login if ":" in login else login + ":"
 
 
 class HttpStorage(Storage):
@@ -634,10 +640,9 @@ class HttpStorageDriver(RangedStorageDriver):
         """A login in ``path`` serves the other images of the same open on
         its server (an image's relative siblings); a URL without one takes
         that login, else netrc's."""
-        parts = urlsplit(path)
-        if "@" in parts.netloc:
-            typed = unquote(parts.netloc.rsplit("@", 1)[0])
-            logins.remember(_origin(path), typed if ":" in typed else typed + ":")
+        typed = typed_login(path)
+        if typed is not None:
+            logins.remember(_origin(path), typed)
         return Target.parse(path, lambda host: logins.get(_origin(path))
                             or self._netrc_login(host))
 
