@@ -8,19 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
 from typing import Any
 
 from corefmt.block.chain import open_chain
 from corefmt.cli.progress import QEMU, add_progress_arguments, progress_for
-from corefmt.ops.prefetch import (
-    BACKGROUND_NICE,
-    Prefetcher,
-    PrefetchState,
-    PrefetchStatus,
-    lower_priority,
-    thread_nice,
-)
+from corefmt.ops.prefetch import Prefetcher, PrefetchState, PrefetchStatus
 
 EXIT_OK, EXIT_ERROR = 0, 1
 
@@ -54,8 +46,7 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
             open_chain(_image(args, "filename", args.format), args.format,
                        allow_protocols=_protocols(args), record_base_version=True) as node:
         had_backing = node.layer().backing is not None
-        prefetcher = Prefetcher(node, throttle=args.throttle, progress=progress, nice=0)
-        status = _run_yielding(prefetcher, BACKGROUND_NICE if args.throttle else 0)
+        status = _run_yielding(Prefetcher(node, throttle=args.throttle, progress=progress))
     if args.output == "json":
         print(json.dumps(status.as_dict(), indent=4))
     elif not args.quiet:
@@ -63,33 +54,20 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
     return EXIT_OK if status.state is PrefetchState.FINISHED else EXIT_ERROR
 
 
-def _run_yielding(prefetcher: Prefetcher, nice: int) -> PrefetchStatus:
-    """Run the prefetch on a thread of its own, ``nice`` levels lower in CPU
-    priority (its reader inherits that): background work yields the CPU to
-    the VMs on the host, and the caller's thread keeps its priority (a
-    lowered one could not be raised again without privileges)."""
-    outcome: list[PrefetchStatus | BaseException] = []
-    starter = thread_nice()
-
-    def work() -> None:
-        lower_priority(starter, nice)
-        try:
-            outcome.append(prefetcher.run())
-        except BaseException as error:  # re-raised on the caller's thread
-            outcome.append(error)
-
-    worker = threading.Thread(target=work, name="corefmt-prefetch")
-    worker.start()
+def _run_yielding(prefetcher: Prefetcher) -> PrefetchStatus:
+    """Run the prefetch on its background thread, which a throttled one
+    lowers in CPU priority (background work yields the CPU to the VMs on the
+    host), while the caller's thread keeps its own (a lowered one could not
+    be raised again without privileges); its failure is raised here."""
+    prefetcher.start()
     try:
-        worker.join()
+        prefetcher.wait()
     except BaseException:  # Ctrl-C: stop after the piece in hand
         prefetcher.stop()
-        worker.join()
         raise
-    result = outcome[0]
-    if isinstance(result, BaseException):
-        raise result
-    return result
+    if prefetcher.failure is not None:
+        raise prefetcher.failure
+    return prefetcher.status
 
 
 def _summary(name: str, status: PrefetchStatus, had_backing: bool) -> str:

@@ -239,6 +239,8 @@ class Prefetcher:
         self._thread: threading.Thread | None = None
         #: The ident of the background thread, once it runs (see start).
         self._in_background: int | None = None
+        #: What made a background prefetch fail (``run`` raised it there).
+        self.failure: Exception | None = None
         self._since_checkpoint = 0
         unit = max(self.layer.limits.copy_granularity, self.layer.request_alignment, 1)
         self.unit = unit
@@ -292,8 +294,8 @@ class Prefetcher:
             return
         try:
             self.run()
-        except Exception:
-            return
+        except Exception as error:  # status.error has its text; a caller may raise it
+            self.failure = error
 
     def run(self) -> PrefetchStatus:
         """Prefetch to the end (or to ``stop``); raises what made it fail."""
