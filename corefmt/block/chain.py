@@ -480,9 +480,10 @@ def _refuse_another_version(reference: BackingRef, storage: Storage | None, show
 def _record_first_version(node: ImageNode, reference: BackingRef, below: BlockNode) -> None:
     """An overlay that records no version of its remote base (made by
     qemu-img, by ``create -u``, or rebased with -u while the server was
-    away) records the one it meets on its first read-write open: from then
-    on a replaced base is refused (trust on first use). A read-only open
-    writes nothing, and a header with no room left keeps none."""
+    away) records the one it meets when an open that uses it as a disk
+    asks (``record_base_version``): from then on a replaced base is refused
+    (trust on first use). A read-only open writes nothing, and a header with
+    no room left keeps none."""
     if node.read_only or reference.identity is not None:
         return
     token = version_of(below)
