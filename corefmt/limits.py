@@ -18,7 +18,11 @@ class Limits:
     widens its fills to it, and ``corefmt stress`` sizes requests around it
     so partial-unit writes are always exercised. It need not be a power of
     two (FVD's blocks may be 7680 bytes), only a multiple of the request
-    alignment.
+    alignment. ``allocation_granularity`` is the smallest unit the format
+    records as held by this layer, where that is finer than the copy
+    granularity (qcow2's extended-L2 subclusters); None means the copy
+    granularity. Writing part of such a unit allocates all of it, the rest
+    filled from the backing (a rebase writes whole units).
     """
 
     request_alignment: int = 1
@@ -27,6 +31,7 @@ class Limits:
     #: Largest request the driver takes at once (None: no limit).
     max_transfer: int | None = None
     copy_granularity: int = 1
+    allocation_granularity: int | None = None
 
     def __attrs_post_init__(self) -> None:
         for name in ("request_alignment", "zeroes_alignment", "discard_alignment"):
@@ -36,8 +41,18 @@ class Limits:
         if self.copy_granularity < 1 or self.copy_granularity % self.request_alignment:
             raise ValueError(f"copy_granularity {self.copy_granularity} is not a multiple of "
                              f"request_alignment {self.request_alignment}")
+        if self.allocation_granularity is not None and (
+                self.allocation_granularity < 1
+                or self.allocation_granularity % self.request_alignment):
+            raise ValueError(f"allocation_granularity {self.allocation_granularity} is not a "
+                             f"multiple of request_alignment {self.request_alignment}")
         if self.max_transfer is not None and (
                 self.max_transfer < self.request_alignment
                 or self.max_transfer % self.request_alignment):
             raise ValueError(f"max_transfer {self.max_transfer} is not a multiple of "
                              f"request_alignment {self.request_alignment}")
+
+    @property
+    def allocation_unit(self) -> int:
+        """What a write into part of one allocates whole."""
+        return self.allocation_granularity or self.copy_granularity

@@ -31,6 +31,7 @@ from corefmt.buffers import same_bytes, zero_bytes
 from corefmt.driver import supports
 from corefmt.errors import CorefmtError
 from corefmt.flags import RequestFlags
+from corefmt.limits import Limits
 from corefmt.ops.backing import change_backing, drop_backing, find_layer, same_file
 from corefmt.ops.convert import CACHE_MODES
 from corefmt.registry import Registry
@@ -39,7 +40,8 @@ ProgressFn = Callable[[int, int], None]
 
 #: Bytes read from each chain at once when comparing.
 COMPARE_CHUNK = 4 * 1024 * 1024
-#: A differing chunk is compared in blocks of this size first, then by sector.
+#: A differing chunk is compared in blocks of this size first (or of one
+#: allocation unit, if larger), then unit by unit.
 COMPARE_BLOCK = 64 * 1024
 #: qemu's compare_buffers works in 512-byte sectors.
 SECTOR = 512
@@ -99,34 +101,54 @@ def _pieces(old: Iterator[tuple[int, int, Side]], new: Iterator[tuple[int, int, 
             new_run = next(new, None)
 
 
-def differing_runs(old: bytes | bytearray | memoryview, new: bytes | bytearray | memoryview
-                   ) -> Iterator[tuple[int, int]]:
-    """(start, end) of the sector runs where two equal-length buffers differ
-    (every comparison a memcmp: see corefmt.buffers)."""
+def differing_runs(old: bytes | bytearray | memoryview, new: bytes | bytearray | memoryview,
+                   unit: int = SECTOR, origin: int = 0) -> Iterator[tuple[int, int]]:
+    """(start, end) of the runs where two equal-length buffers differ, in
+    whole ``unit``s counted from offset 0 of the image (the buffers start at
+    ``origin``; a unit cut by a buffer's end counts as its part there).
+
+    With 512-byte units this is qemu's compare_buffers. The rebase writes
+    whole allocation units: the format fills the rest of a partly written
+    unit from the old backing, whose bytes there equal what is written, so
+    the image ends up the same and far fewer pieces are compared one by one
+    in Python (each comparison is a memcmp: see corefmt.buffers)."""
     old_view, new_view = memoryview(old), memoryview(new)
     length = len(old_view)
+    block = max(unit, COMPARE_BLOCK // unit * unit)
     run_start: int | None = None
     position = 0
     while position < length:
-        step = min(COMPARE_BLOCK, length - position)
+        step = min(block - (origin + position) % block, length - position)
         if same_bytes(old_view[position:position + step], new_view[position:position + step]):
             if run_start is not None:
                 yield run_start, position
                 run_start = None
-            position += step
-            continue
-        block = bytes(old_view[position:position + step])
-        other = bytes(new_view[position:position + step])
-        for sector in range(0, step, SECTOR):
-            if block[sector:sector + SECTOR] != other[sector:sector + SECTOR]:
-                if run_start is None:
-                    run_start = position + sector
-            elif run_start is not None:
-                yield run_start, position + sector
-                run_start = None
+        elif step <= unit:  # a single unit (or the part of one here) differs
+            if run_start is None:
+                run_start = position
+        else:
+            left = bytes(old_view[position:position + step])
+            right = bytes(new_view[position:position + step])
+            at = 0
+            while at < step:
+                piece = min(unit - (origin + position + at) % unit, step - at)
+                if left[at:at + piece] != right[at:at + piece]:
+                    if run_start is None:
+                        run_start = position + at
+                elif run_start is not None:
+                    yield run_start, position + at
+                    run_start = None
+                at += piece
         position += step
     if run_start is not None:
         yield run_start, length
+
+
+def compare_unit(limits: Limits) -> int:
+    """The unit a rebase compares and writes in: the image's allocation
+    unit where that is whole sectors, else qemu's sector."""
+    unit = limits.allocation_unit
+    return unit if unit % SECTOR == 0 else SECTOR
 
 
 class _Copier:
@@ -226,7 +248,8 @@ class _Copier:
         # As qemu-img 7.2: zeroes are written as such only past the old
         # backing's end; zeros it holds are copied as data.
         old_end = self.old.virtual_size if self.old is not None else 0
-        for run_start, run_end in differing_runs(view, new_data):
+        unit = compare_unit(self.top.limits)
+        for run_start, run_end in differing_runs(view, new_data, unit, start):
             at, length = start + run_start, run_end - run_start
             if at >= old_end:
                 self.top.write_zeroes(at, length)

@@ -152,6 +152,44 @@ def test_only_differing_data_is_read(pristine, tmp_path, monkeypatch):
     assert same_content(ours / "top.qcow2", pristine / "ref.raw")
 
 
+def _sector_chain(directory: Path, top_options: str) -> Path:
+    """base.raw <- mid.qcow2 (512-byte clusters: sector-sized differences,
+    and data equal to the base's) <- top.qcow2 made with ``top_options``."""
+    directory.mkdir()
+    qemu_img("create", "-q", "-f", "raw", directory / "base.raw", str(SIZE))
+    qemu_io(directory / "base.raw", "write -P 1 0 2M", fmt="raw")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", "-b", "base.raw",
+             "-F", "raw", directory / "mid.qcow2")
+    qemu_io(directory / "mid.qcow2",
+            "write -P 5 64k 512",          # one sector inside a cluster
+            "write -P 6 199k 1536",        # across a 2 KiB subcluster's edge
+            "write -P 1 512k 64k",         # the base's own bytes: nothing to copy
+            "write -P 1 640k 32k", "write -P 8 660k 512",  # equal around one differing sector
+            "write -P 9 3M 4608")          # past the base's data: zeros there
+    qemu_img("create", "-q", "-f", "qcow2", "-o", top_options, "-b", "mid.qcow2",
+             "-F", "qcow2", directory / "top.qcow2")
+    qemu_io(directory / "top.qcow2", "write -P 3 192k 4k")
+    qemu_img("convert", "-O", "raw", directory / "top.qcow2", directory / "ref.raw")
+    return directory
+
+
+TOPS = {"64k clusters": "cluster_size=64k",
+        "extended L2 (2k subclusters)": "cluster_size=64k,extended_l2=on",
+        "512-byte clusters": "cluster_size=512"}
+
+
+@pytest.mark.parametrize("options", TOPS.values(), ids=TOPS.keys())
+def test_sector_sized_differences_allocate_as_qemu_img(tmp_path, options):
+    """Differences smaller than a cluster: corefmt writes whole allocation
+    units (a subcluster with extended L2), qemu-img only the differing
+    sectors; the image must end up the same, allocation map included."""
+    pristine = _sector_chain(tmp_path / "chain", options)
+    theirs, ours = _both(pristine, tmp_path, "-b", "base.raw", "-F", "raw", "top.qcow2")
+    assert layout(ours / "top.qcow2") == layout(theirs / "top.qcow2")
+    check_clean(ours / "top.qcow2")
+    assert same_content(ours / "top.qcow2", pristine / "ref.raw")
+
+
 def _fvd_over_raw(directory: Path) -> Path:
     directory.mkdir()
     qemu_img("create", "-q", "-f", "raw", directory / "base.raw", str(SIZE))

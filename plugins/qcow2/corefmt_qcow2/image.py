@@ -401,7 +401,8 @@ class Qcow2Image(BitmapMethods, Image):
     @property
     def limits(self) -> Limits:
         return Limits(request_alignment=1, zeroes_alignment=self.subcluster_size,
-                      discard_alignment=self.cluster_size, copy_granularity=self.cluster_size)
+                      discard_alignment=self.cluster_size, copy_granularity=self.cluster_size,
+                      allocation_granularity=self.subcluster_size)
 
     def _continuing_clusters(self, data: bytearray, entry: int, kind: int, position: int,
                              end: int) -> int:
