@@ -63,3 +63,48 @@ def _used_run_one_by_one(refcounts, cluster: int) -> int:
     while cluster + run < end and refcounts.get(cluster + run):
         run += 1
     return run
+
+
+@pytest.mark.parametrize("bits", [1, 8, 16, 64])
+def test_a_run_of_new_clusters_is_counted_across_refcount_blocks(tmp_path, bits, monkeypatch):
+    """One multi-cluster write over many refcount blocks (512-byte clusters:
+    a block counts 32 to 4096 clusters): every cluster counted once, whole
+    blocks of whole-byte entries set at once rather than entry by entry."""
+    from corefmt_qcow2.refcount import Refcounts
+
+    path = str(tmp_path / f"run{bits}.qcow2")
+    corefmt.create(path, "qcow2", 64 * MiB, options={"cluster_size": 512,
+                                                     "refcount_bits": bits})
+    updates: list[int] = []
+    real_update = Refcounts.update
+
+    def counting_update(self, cluster, delta):
+        updates.append(cluster)
+        return real_update(self, cluster, delta)
+
+    monkeypatch.setattr(Refcounts, "update", counting_update)
+    with corefmt.open(path, "qcow2") as node:
+        refcounts = node.image.refcounts
+        count = refcounts.entries_per_block + 44  # always over a block boundary
+        start = refcounts.allocate(count) // 512
+        counts = [refcounts.get(cluster) for cluster in range(start, start + count)]
+        node.image.flush()
+    assert counts == [1] * count
+    data_updates = [cluster for cluster in updates if start <= cluster < start + count]
+    assert len(data_updates) == (count if bits < 8 else 0)
+
+
+def test_a_run_that_is_not_free_is_counted_up_not_overwritten(tmp_path, monkeypatch):
+    """Were the search ever to hand out clusters in use, their counts go up
+    (as one update each would do), never back to 1."""
+    from corefmt_qcow2.refcount import Refcounts
+
+    path = str(tmp_path / "used.qcow2")
+    corefmt.create(path, "qcow2", 64 * MiB)
+    with corefmt.open(path, "qcow2") as node:
+        refcounts = node.image.refcounts
+        monkeypatch.setattr(Refcounts, "_find_free", lambda self, count: 0)  # the header
+        refcounts.allocate(2)
+        assert [refcounts.get(0), refcounts.get(1)] == [2, 2]
+        refcounts.update(0, -1)
+        refcounts.update(1, -1)

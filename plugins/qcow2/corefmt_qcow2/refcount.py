@@ -207,14 +207,38 @@ class Refcounts:
         self._reserved.update(range(start, start + count))
         self.high_water = max(self.high_water, start + count)
         try:
-            for cluster in range(start, start + count):
-                self.update(cluster, 1)
+            self._take_run(start, count)
         finally:
             self._reserved.difference_update(range(start, start + count))
         self.high_water = max(self.high_water, start + count)
         if count == 1 or start == self.free_index:
             self.free_index = start + count
         return start * self.cluster_size
+
+    def _take_run(self, start: int, count: int) -> None:
+        """Refcount 1 for the free clusters ``start..start+count``: one slice
+        assignment per refcount block where entries are whole bytes (a
+        multi-cluster write allocates thousands at once), else, or where a
+        count is unexpectedly not zero, one ``update`` each (which reports it)."""
+        epb = self.entries_per_block
+        cluster = start
+        while cluster < start + count:
+            block_index, index = divmod(cluster, epb)
+            run = min(start + count, (block_index + 1) * epb) - cluster
+            offset = self._ensure_block(block_index)
+            taken = False
+            if self.bits >= 8:
+                width = self.bits // 8
+                with self.cache.get(offset) as handle:
+                    entries = slice(index * width, (index + run) * width)
+                    if handle.data[entries] == bytes(run * width):
+                        handle.data[entries] = (1).to_bytes(width, "big") * run
+                        handle.mark_dirty()
+                        taken = True
+            if not taken:
+                for each in range(cluster, cluster + run):
+                    self.update(each, 1)
+            cluster += run
 
     def allocate_bytes(self, size: int) -> int:
         """``size`` bytes (at most a cluster) for a compressed cluster, packed
