@@ -65,3 +65,37 @@ def test_a_failure_on_either_side_ends_the_rebase_with_its_error(tmp_path, monke
     monkeypatch.setattr(ImageNode, method, original)
     with corefmt.open(top, "qcow2", read_only=True) as node:
         assert node.layer().backing.filename.endswith("mid.qcow2")  # not re-pointed
+
+
+def test_a_progress_callback_that_raises_stops_the_reader_too(tmp_path, monkeypatch):
+    """The caller gives up between chunks (its progress callback raises, as
+    Ctrl-C would in ready.get): no buffer is being compared then, so only
+    the wake-up in run's cleanup frees a reader waiting for one."""
+    import threading
+    import time
+
+    monkeypatch.setattr(rebase_module, "COMPARE_CHUNK", 64 * 1024)  # the reader far ahead
+    base, top, _ = _chain(tmp_path)
+
+    class GiveUp(Exception):
+        pass
+
+    def give_up(done, total):
+        time.sleep(0.5)  # the reader meanwhile fills every buffer and waits for one
+        raise GiveUp
+
+    outcome: list[BaseException] = []
+
+    def run():
+        try:
+            rebase(top, base, "qcow2", progress=give_up)
+        except BaseException as error:  # reported below
+            outcome.append(error)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(20)
+    assert not worker.is_alive(), "the rebase hung: its reader waits for a buffer"
+    assert len(outcome) == 1 and isinstance(outcome[0], GiveUp)
+    with corefmt.open(top, "qcow2", read_only=True) as node:
+        assert node.layer().backing.filename.endswith("mid.qcow2")  # not re-pointed
