@@ -83,6 +83,27 @@ def test_write_zeroes_past_the_end_grows_the_file(file_driver, tmp_path):
     storage.close()
 
 
+def test_zero_before_write_zeroes_in_place_or_does_nothing(file_driver, tmp_path):
+    """The filesystem zeroes the range and the size stays; where it cannot,
+    nothing changes at all (never zero bytes written in its place)."""
+    storage = file_driver.create(str(tmp_path / "f"))
+    storage.write(0, b"\x01" * MiB)
+    writes: list[tuple[int, int]] = []
+    real_write = storage._write
+    storage._write = lambda offset, data: (writes.append((offset, len(data))),
+                                           real_write(offset, data))[1]
+    done = storage.zero_before_write(4 * KiB, 64 * KiB)
+    beyond = storage.zero_before_write(MiB, 64 * KiB)  # past the end: allocated, size kept
+    assert writes == [] and os.path.getsize(tmp_path / "f") == MiB
+    expected = bytearray(b"\x01" * MiB)
+    if done:
+        expected[4 * KiB:68 * KiB] = bytes(64 * KiB)
+    assert storage.read(0, MiB) == bytes(expected)
+    if file_storage._fallocate is None:
+        assert not done and not beyond
+    storage.close()
+
+
 def test_sparse_file_reports_holes(tmp_path):
     storage = FileStorageDriver().create(str(tmp_path / "f"))
     storage.truncate(8 * MiB)
@@ -101,7 +122,8 @@ def test_read_only_storage_refuses_writes(tmp_path):
     path.write_bytes(b"keep")
     storage = FileStorageDriver().open(str(path), read_only=True)
     for call in (lambda: storage.write(0, b"x"), lambda: storage.truncate(0),
-                 lambda: storage.write_zeroes(0, 4), lambda: storage.discard(0, 4)):
+                 lambda: storage.write_zeroes(0, 4), lambda: storage.discard(0, 4),
+                 lambda: storage.zero_before_write(0, 4)):
         with pytest.raises(ReadOnlyError):
             call()
     storage.close()

@@ -76,6 +76,18 @@ class Storage(abc.ABC):
         """Reserve space for a range without writing it; False if unsupported."""
         return False
 
+    def zero_before_write(self, offset: int, length: int) -> bool:
+        """Zero a range of a regular file by the filesystem alone (fallocate's
+        zero range), ahead of writing all of it; False, doing nothing, where
+        that cannot be done without writing zero bytes.
+
+        qemu's qcow2 does this for every cluster run it allocates
+        (handle_alloc_space, a zero write with BDRV_REQ_NO_FALLBACK): the
+        buffered write that follows lands in space the filesystem has
+        already allocated, which on ext4 here costs a half to a third of
+        the system time of writing into a delayed-allocation hole."""
+        return False
+
     def data_extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         """(offset, length, is_data) runs covering a range, from ``data_run``."""
         runs: list[tuple[int, int, bool]] = []

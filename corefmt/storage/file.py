@@ -345,6 +345,14 @@ class FileStorage(Storage):
         self._no_zero_range = not ok
         return ok
 
+    def zero_before_write(self, offset: int, length: int) -> bool:
+        self._check_writable()
+        if not self.regular or self._no_zero_range or length <= 0:
+            return False  # a device would write the zeros (BLKZEROOUT): no gain
+        ok = self._fallocate(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+        self._no_zero_range = not ok
+        return ok
+
     def _device_zero(self, offset: int, length: int) -> bool:
         """Zero whole blocks of a device: BLKZEROOUT (the kernel writes the
         zeros itself if the device has no command for it), else fallocate's

@@ -633,6 +633,8 @@ class Qcow2Image(BitmapMethods, Image):
         host = self.allocate_data(first, count)
         self.context.emit(events.CLUSTER_ALLOC)
         self.check_overlap(host + region_start - first * cs, len(buffer))
+        if not self.has_data_file:  # as qemu: the data lands in allocated space
+            self.data.zero_before_write(host + region_start - first * cs, len(buffer))
         self.data.write(host + region_start - first * cs, buffer)
         self._order_data_before_l2(allocated=True)
         with self.l2_cache.get(l2_table) as handle:
