@@ -18,11 +18,12 @@ class Limits:
     widens its fills to it, and ``corefmt stress`` sizes requests around it
     so partial-unit writes are always exercised. It need not be a power of
     two (FVD's blocks may be 7680 bytes), only a multiple of the request
-    alignment. ``allocation_granularity`` is the smallest unit the format
-    records as held by this layer, where that is finer than the copy
-    granularity (qcow2's extended-L2 subclusters); None means the copy
-    granularity. Writing part of such a unit allocates all of it, the rest
-    filled from the backing (a rebase writes whole units).
+    alignment. ``allocation_granularity`` is the unit the format records
+    as held by this layer (a cluster, an extended-L2 subcluster, an FVD
+    block): writing part of one allocates all of it, the rest filled from
+    the backing, so a safe rebase compares and writes whole units. None
+    (the default, and what a driver that does not say gets) promises
+    nothing: the rebase works in 512-byte sectors, as qemu's does.
     """
 
     request_alignment: int = 1
@@ -54,5 +55,5 @@ class Limits:
 
     @property
     def allocation_unit(self) -> int:
-        """What a write into part of one allocates whole."""
-        return self.allocation_granularity or self.copy_granularity
+        """What a write into part of one allocates whole (1: nothing known)."""
+        return self.allocation_granularity or 1

@@ -43,11 +43,18 @@ def _pair(rng: random.Random, length: int) -> tuple[bytes, bytes]:
 def test_runs_are_whole_units_counted_from_the_image_start(unit):
     rng = random.Random(unit)
     for _ in range(40):
-        length = rng.choice((SECTOR, 64 * 1024, 300 * 1024, 3 * 1024 * 1024))
+        length = rng.choice((SECTOR, 2 * SECTOR, 3 * SECTOR, 64 * 1024, 300 * 1024,
+                             3 * 1024 * 1024))
         origin = rng.randrange(0, 8 * 1024 * 1024 // SECTOR) * SECTOR
         old, new = _pair(rng, length)
         assert list(differing_runs(old, new, unit, origin)) == _reference(old, new, unit,
                                                                            origin)
+
+
+def test_a_short_buffer_across_a_unit_edge_differs_only_in_the_unit_that_differs():
+    old, new = bytes(1024), bytes(512) + b"x" * 512
+    assert list(differing_runs(old, new, 2048, 1536)) == [(512, 1024)]  # 2048 starts a unit
+    assert list(differing_runs(new, old, 2048, 1536)) == [(512, 1024)]
 
 
 def test_equal_buffers_have_no_runs():
@@ -56,7 +63,12 @@ def test_equal_buffers_have_no_runs():
 
 
 def test_the_unit_is_the_allocation_unit_in_whole_sectors():
-    assert compare_unit(Limits(copy_granularity=65536)) == 65536
+    assert compare_unit(Limits(copy_granularity=65536, allocation_granularity=65536)) == 65536
     assert compare_unit(Limits(copy_granularity=65536, allocation_granularity=2048)) == 2048
-    assert compare_unit(Limits(copy_granularity=1)) == SECTOR  # no unit: qemu's sector
-    assert compare_unit(Limits(copy_granularity=1000)) == SECTOR
+    assert compare_unit(Limits(allocation_granularity=1000)) == SECTOR
+    # A driver that declares no allocation unit (every plugin written before
+    # there was one) gets qemu's sectors, whatever its copy granularity.
+    assert compare_unit(Limits(copy_granularity=65536)) == SECTOR
+    # -c writes whole clusters, which can be stored compressed.
+    assert compare_unit(Limits(copy_granularity=65536, allocation_granularity=2048),
+                        compress=True) == 65536

@@ -123,8 +123,8 @@ def differing_runs(old: bytes | bytearray | memoryview, new: bytes | bytearray |
             if run_start is not None:
                 yield run_start, position
                 run_start = None
-        elif step <= unit:  # a single unit (or the part of one here) differs
-            if run_start is None:
+        elif (origin + position) // unit == (origin + position + step - 1) // unit:
+            if run_start is None:  # inside one unit, which differs
                 run_start = position
         else:
             left = bytes(old_view[position:position + step])
@@ -144,10 +144,12 @@ def differing_runs(old: bytes | bytearray | memoryview, new: bytes | bytearray |
         yield run_start, length
 
 
-def compare_unit(limits: Limits) -> int:
+def compare_unit(limits: Limits, compress: bool = False) -> int:
     """The unit a rebase compares and writes in: the image's allocation
-    unit where that is whole sectors, else qemu's sector."""
-    unit = limits.allocation_unit
+    unit where that is whole sectors, else qemu's sector; with -c the copy
+    granularity (whole clusters can be stored compressed: qemu 8.2's
+    rebase aligns its writes to clusters for -c, to subclusters else)."""
+    unit = limits.copy_granularity if compress else limits.allocation_unit
     return unit if unit % SECTOR == 0 else SECTOR
 
 
@@ -165,6 +167,7 @@ class _Copier:
         self.top, self.old, self.old_base = top, old, old_base
         self.new, self.new_base = new, new_base
         self.compress = compress
+        self.unit = compare_unit(top.limits, compress)
         self.progress = progress
         self.copied = 0
         self._stopping = False
@@ -248,8 +251,7 @@ class _Copier:
         # As qemu-img 7.2: zeroes are written as such only past the old
         # backing's end; zeros it holds are copied as data.
         old_end = self.old.virtual_size if self.old is not None else 0
-        unit = compare_unit(self.top.limits)
-        for run_start, run_end in differing_runs(view, new_data, unit, start):
+        for run_start, run_end in differing_runs(view, new_data, self.unit, start):
             at, length = start + run_start, run_end - run_start
             if at >= old_end:
                 self.top.write_zeroes(at, length)

@@ -176,7 +176,8 @@ class FvdImage(Image):
     def limits(self) -> Limits:
         block = self.header.block_size if self.bitmap is not None else SECTOR
         return Limits(request_alignment=SECTOR, zeroes_alignment=SECTOR,
-                      discard_alignment=SECTOR, copy_granularity=block)
+                      discard_alignment=SECTOR, copy_granularity=block,
+                      allocation_granularity=block)
 
     @property
     def cluster_size(self) -> int | None:  # type: ignore[override]
