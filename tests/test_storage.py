@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 
@@ -83,6 +84,35 @@ def test_write_zeroes_past_the_end_grows_the_file(file_driver, tmp_path):
     storage.close()
 
 
+def _zero_range_works(directory) -> bool:
+    """Whether this file system takes fallocate's zero range at all."""
+    probe = directory / "probe"
+    probe.write_bytes(b"x" * BLOCK)
+    fd = os.open(probe, os.O_RDWR)
+    try:
+        return file_storage._fallocate(fd, file_storage.FALLOC_FL_ZERO_RANGE, 0, BLOCK) == 0
+    finally:
+        os.close(fd)
+        probe.unlink()
+
+
+def test_zero_before_write_fails_quietly(tmp_path, monkeypatch):
+    """A failure (here ENOSPC) makes it do nothing and say False; the
+    zero range of write_zeroes is not given up because of it."""
+    storage = FileStorageDriver().create(str(tmp_path / "f"))
+    storage.write(0, b"\x01" * MiB)
+
+    def no_space(fd, mode, offset, length):
+        ctypes.set_errno(errno.ENOSPC)
+        return -1
+
+    monkeypatch.setattr(file_storage, "_fallocate", no_space)
+    assert storage.zero_before_write(0, 64 * KiB) is False
+    assert storage.read(0, MiB) == b"\x01" * MiB
+    assert not storage._no_zero_range
+    storage.close()
+
+
 def test_zero_before_write_zeroes_in_place_or_does_nothing(file_driver, tmp_path):
     """The filesystem zeroes the range and the size stays; where it cannot,
     nothing changes at all (never zero bytes written in its place)."""
@@ -101,6 +131,8 @@ def test_zero_before_write_zeroes_in_place_or_does_nothing(file_driver, tmp_path
     assert storage.read(0, MiB) == bytes(expected)
     if file_storage._fallocate is None:
         assert not done and not beyond
+    elif _zero_range_works(tmp_path):
+        assert done and beyond
     storage.close()
 
 

@@ -77,15 +77,16 @@ class Storage(abc.ABC):
         return False
 
     def zero_before_write(self, offset: int, length: int) -> bool:
-        """Zero a range of a regular file by the filesystem alone (fallocate's
-        zero range), ahead of writing all of it; False, doing nothing, where
-        that cannot be done without writing zero bytes.
+        """A hint before writing all of a range that holds nothing yet: the
+        filesystem zeroes (allocates) it without writing bytes. True if it
+        did; False, having done nothing, where it cannot or it failed (the
+        write that follows reports real trouble itself).
 
-        qemu's qcow2 does this for every cluster run it allocates
-        (handle_alloc_space, a zero write with BDRV_REQ_NO_FALLBACK): the
-        buffered write that follows lands in space the filesystem has
-        already allocated, which on ext4 here costs a half to a third of
-        the system time of writing into a delayed-allocation hole."""
+        qemu's qcow2 zeroes a new allocation this way when its copy-on-write
+        parts read as zeros (handle_alloc_space); a buffered write into
+        space allocated so costs a third to a half of the system time of one
+        into a delayed-allocation hole on this project's ext4 machines."""
+        self._check_writable()
         return False
 
     def data_extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:

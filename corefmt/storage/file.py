@@ -114,6 +114,7 @@ class FileStorage(Storage):
         self.request_alignment = 1
         # Which fallocate modes this file system refuses (learnt on first use).
         self._no_punch = self._no_zero_range = self._no_prealloc = _fallocate is None
+        self._no_zero_hint = _fallocate is None
         self._no_seek_data = not self.regular  # devices are all data
         self._no_blkzeroout = self._no_blkdiscard = not self.is_block_device
         # The file's length, kept here: every request checks it, and an fstat
@@ -347,10 +348,13 @@ class FileStorage(Storage):
 
     def zero_before_write(self, offset: int, length: int) -> bool:
         self._check_writable()
-        if not self.regular or self._no_zero_range or length <= 0:
+        if not self.regular or self._no_zero_hint or length <= 0:
             return False  # a device would write the zeros (BLKZEROOUT): no gain
-        ok = self._fallocate(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
-        self._no_zero_range = not ok
+        try:
+            ok = self._fallocate(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+        except StorageError:  # ENOSPC, EIO...: only a hint; the write will tell
+            return False
+        self._no_zero_hint = not ok  # its own flag: write_zeroes keeps its zero range
         return ok
 
     def _device_zero(self, offset: int, length: int) -> bool:

@@ -373,6 +373,21 @@ class SimStorage(Storage):
         self._call("discard", self.disk.write, offset, bytes(length), "discard")
         return True
 
+    def zero_before_write(self, offset: int, length: int) -> bool:
+        """A zeroing the disk caches, tears and fails like any write (so power
+        cuts and injected errors reach it); past the end nothing, the size
+        kept, as fallocate's KEEP_SIZE. A failure is swallowed, as the file
+        store swallows it."""
+        self._check_writable()
+        inside = min(offset + length, self.disk.size()) - offset
+        if inside <= 0:
+            return True
+        try:
+            self._call("write_zeroes", self.disk.write, offset, bytes(inside), "zero")
+        except StorageError:
+            return False
+        return True
+
     def flush(self) -> None:
         if not self.read_only:
             self._call("flush", self.disk.flush, self._drops_at_open)

@@ -1,10 +1,13 @@
-"""New clusters are zeroed by the filesystem just before their data is
-written, exactly over the range written (qemu's handle_alloc_space), and
-never in an external data file, whose bytes there may be a raw image's."""
+"""New cluster runs of at least ZERO_BEFORE_WRITE_MIN are zeroed by the
+filesystem just before their data is written, exactly over the range
+written; smaller runs are not (the call would cost more than it saves),
+nor anything in an external data file, whose bytes there may be a raw
+image's."""
 
 from __future__ import annotations
 
 import pytest
+from corefmt_qcow2.image import ZERO_BEFORE_WRITE_MIN
 
 import corefmt
 from corefmt.storage.file import FileStorage
@@ -59,3 +62,14 @@ def test_an_external_data_file_is_not_zeroed(tmp_path, recorded):
     with corefmt.open(path, "qcow2") as node:
         node.write(MiB, b"\x07" * 256 * KiB)
     assert zeroed == []
+
+
+def test_a_run_shorter_than_the_minimum_is_not_zeroed(tmp_path, recorded):
+    path = str(tmp_path / "s.qcow2")
+    corefmt.create(path, "qcow2", 16 * MiB, options={"cluster_size": 4096})
+    zeroed, _ = recorded
+    with corefmt.open(path, "qcow2") as node:
+        zeroed.clear()
+        node.write(MiB, b"\x05" * 4096)  # one new 4 KiB cluster
+        node.write(4 * MiB, b"\x06" * ZERO_BEFORE_WRITE_MIN)  # a run at the minimum
+    assert [length for _path, _offset, length in zeroed] == [ZERO_BEFORE_WRITE_MIN]

@@ -104,6 +104,25 @@ def test_injected_error_tears_a_write_at_a_sector_boundary(sim):
     sim.forget("sim:tear")
 
 
+def test_zero_before_write_is_a_cached_zeroing_that_fails_quietly(sim):
+    """It zeroes what lies inside the disk, keeps the size (KEEP_SIZE),
+    meets injected faults like any write, and swallows them (a hint)."""
+    storage = sim.create("sim:hint")
+    disk = sim.disk("sim:hint")
+    storage.write(0, b"x" * 2048)
+    assert storage.zero_before_write(1024, 4096) is True
+    assert disk.size() == 2048
+    assert storage.read(0, 2048) == b"x" * 1024 + bytes(1024)
+    storage.write(0, b"y" * 2048)
+    disk.policy = lambda request: (SimFault(error=errno.EIO) if request.tag == 5 else None)
+    with request_tag(5):
+        assert storage.zero_before_write(0, 1024) is False
+    assert disk.errors_injected == 1
+    assert storage.zero_before_write(4096, 512) is True  # past the end: nothing to do
+    assert disk.size() == 2048
+    sim.forget("sim:hint")
+
+
 def _race(sim, seed: int, reorder: bool = True, body=None) -> tuple[list[int], list[object]]:
     """Four scheduled threads write one sector each; returns the completion order."""
     storage = sim.create("sim:race")
