@@ -10,7 +10,7 @@ import pytest
 
 import corefmt
 from corefmt import plugins
-from corefmt.errors import CorefmtError, ReadOnlyError
+from corefmt.errors import CorefmtError, ReadOnlyError, StorageError
 from corefmt.ops import convert as convert_module
 from corefmt.storage import file as file_storage
 from corefmt.storage.file import FileStorageDriver
@@ -96,9 +96,11 @@ def _zero_range_works(directory) -> bool:
         probe.unlink()
 
 
-def test_zero_before_write_fails_quietly(tmp_path, monkeypatch):
-    """A failure (here ENOSPC) makes it do nothing and say False; the
-    zero range of write_zeroes is not given up because of it."""
+def test_zero_before_write_failing_raises_and_keeps_write_zeroes_zero_range(tmp_path,
+                                                                           monkeypatch):
+    """A failure (here ENOSPC) raises as a write would, changes nothing,
+    and does not make write_zeroes give up its zero range; a refusal
+    (EOPNOTSUPP) is False, and only the hint stops trying."""
     storage = FileStorageDriver().create(str(tmp_path / "f"))
     storage.write(0, b"\x01" * MiB)
 
@@ -107,9 +109,18 @@ def test_zero_before_write_fails_quietly(tmp_path, monkeypatch):
         return -1
 
     monkeypatch.setattr(file_storage, "_fallocate", no_space)
-    assert storage.zero_before_write(0, 64 * KiB) is False
+    with pytest.raises(StorageError) as raised:
+        storage.zero_before_write(0, 64 * KiB)
+    assert raised.value.errno == errno.ENOSPC
     assert storage.read(0, MiB) == b"\x01" * MiB
-    assert not storage._no_zero_range
+
+    def unsupported(fd, mode, offset, length):
+        ctypes.set_errno(errno.EOPNOTSUPP)
+        return -1
+
+    monkeypatch.setattr(file_storage, "_fallocate", unsupported)
+    assert storage.zero_before_write(0, 64 * KiB) is False
+    assert not storage._no_zero_range and storage._no_zero_hint
     storage.close()
 
 

@@ -79,8 +79,8 @@ class Storage(abc.ABC):
     def zero_before_write(self, offset: int, length: int) -> bool:
         """A hint before writing all of a range that holds nothing yet: the
         filesystem zeroes (allocates) it without writing bytes. True if it
-        did; False, having done nothing, where it cannot or it failed (the
-        write that follows reports real trouble itself).
+        did; False, having done nothing, where it cannot. A failure of the
+        store (ENOSPC, EIO) raises, as the write would.
 
         qemu's qcow2 zeroes a new allocation this way when its copy-on-write
         parts read as zeros (handle_alloc_space); a buffered write into

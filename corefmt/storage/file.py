@@ -350,10 +350,7 @@ class FileStorage(Storage):
         self._check_writable()
         if not self.regular or self._no_zero_hint or length <= 0:
             return False  # a device would write the zeros (BLKZEROOUT): no gain
-        try:
-            ok = self._fallocate(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
-        except StorageError:  # ENOSPC, EIO...: only a hint; the write will tell
-            return False
+        ok = self._fallocate(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
         self._no_zero_hint = not ok  # its own flag: write_zeroes keeps its zero range
         return ok
 

@@ -104,9 +104,9 @@ def test_injected_error_tears_a_write_at_a_sector_boundary(sim):
     sim.forget("sim:tear")
 
 
-def test_zero_before_write_is_a_cached_zeroing_that_fails_quietly(sim):
-    """It zeroes what lies inside the disk, keeps the size (KEEP_SIZE),
-    meets injected faults like any write, and swallows them (a hint)."""
+def test_zero_before_write_is_a_cached_zeroing_that_fails_like_a_write(sim):
+    """It zeroes what lies inside the disk, keeps the size (KEEP_SIZE) and
+    meets injected faults like any write (stress sees them fail the write)."""
     storage = sim.create("sim:hint")
     disk = sim.disk("sim:hint")
     storage.write(0, b"x" * 2048)
@@ -115,8 +115,8 @@ def test_zero_before_write_is_a_cached_zeroing_that_fails_quietly(sim):
     assert storage.read(0, 2048) == b"x" * 1024 + bytes(1024)
     storage.write(0, b"y" * 2048)
     disk.policy = lambda request: (SimFault(error=errno.EIO) if request.tag == 5 else None)
-    with request_tag(5):
-        assert storage.zero_before_write(0, 1024) is False
+    with request_tag(5), pytest.raises(StorageError):
+        storage.zero_before_write(0, 1024)
     assert disk.errors_injected == 1
     assert storage.zero_before_write(4096, 512) is True  # past the end: nothing to do
     assert disk.size() == 2048
