@@ -345,6 +345,11 @@ class BlkdebugStorage(Storage):
         self._check(IO_DISCARD, "discard", offset, length)
         self.inner.discard(offset, length)
 
+    def zero_before_write(self, offset: int, length: int) -> bool:
+        self._check_writable()
+        self._check(IO_WRITE_ZEROES, "write_zeroes", offset, length)
+        return self.inner.zero_before_write(offset, length)
+
     def flush(self) -> None:
         self._check(IO_FLUSH, "flush")
         self.inner.flush()

@@ -34,7 +34,12 @@ SIZE = 8 * MiB
 EVENTS = (events.L1_UPDATE, events.L2_ALLOC_WRITE, events.L2_UPDATE, events.REFBLOCK_UPDATE,
           events.REFBLOCK_ALLOC, events.REFTABLE_UPDATE, events.REFTABLE_GROW,
           events.CLUSTER_ALLOC, events.COW_WRITE, events.HEADER_UPDATE,
-          events.L1_GROW_WRITE_TABLE, events.CLUSTER_ALLOC_BYTES, events.WRITE_COMPRESSED)
+          events.L1_GROW_WRITE_TABLE, events.CLUSTER_ALLOC_BYTES, events.WRITE_COMPRESSED,
+          events.CLUSTER_ALLOC_SPACE)
+#: Events the 512-byte clusters never reach: no header rewrite without lazy
+#: refcounts, and no new run as long as ZERO_BEFORE_WRITE_MIN (an L2 table
+#: there maps 32 KiB).
+SMALL_CLUSTERS_MISS = {events.HEADER_UPDATE, events.CLUSTER_ALLOC_SPACE}
 OPTION_SETS = {
     "default": "",
     "c512-rb64": "cluster_size=512,refcount_bits=64",
@@ -148,7 +153,9 @@ def test_a_fault_at_every_event_keeps_the_image_sound(tmp_path, options, action)
                 assert disk.read(offset, len(data)) == data, (event, seed, offset)
     if options == OPTION_SETS["c512-rb64"]:
         # This set reaches every metadata event at least once.
-        assert set(EVENTS) - {events.HEADER_UPDATE} <= seen, set(EVENTS) - seen
+        assert set(EVENTS) - SMALL_CLUSTERS_MISS <= seen, set(EVENTS) - seen
+    if options == OPTION_SETS["default"]:
+        assert events.CLUSTER_ALLOC_SPACE in seen
 
 
 @pytest.mark.parametrize("grow", [False, True], ids=["table-stays", "table-grows"])
@@ -178,7 +185,8 @@ def test_each_event_is_really_named(tmp_path):
     their writes (a renamed or dropped event turns this red)."""
     path = str(tmp_path / "image.qcow2")
     for event in EVENTS:
-        _fresh(path, "cluster_size=512,refcount_bits=64,lazy_refcounts=on")
+        _fresh(path, ("lazy_refcounts=on" if event in SMALL_CLUSTERS_MISS
+                      else "cluster_size=512,refcount_bits=64,lazy_refcounts=on"))
         failed = False
         try:
             with corefmt.open(_spec(path, event, "error")) as disk:
