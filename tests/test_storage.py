@@ -321,6 +321,40 @@ def test_zero_runs_keep_a_short_non_zero_tail():
     assert not convert_module.is_zero(memoryview(tail))
 
 
+def test_the_no_zero_block_shortcut_agrees_with_zero_runs():
+    """Whenever the shortcut says "one data run", zero_runs says so too:
+    zero blocks aligned and not, blocks that only start with a zero word,
+    short tails; and random data takes the shortcut."""
+    import random
+
+    rng = random.Random(7)
+    for trial in range(300):
+        blocks = rng.choice((1, 2, 5, 64))
+        length = blocks * BLOCK + rng.choice((0, 0, 512, 1000))
+        buffer = bytearray(rng.randbytes(length))
+        for _ in range(rng.choice((0, 1, 2))):
+            kind = rng.choice(("aligned", "unaligned", "first word", "tail"))
+            at = rng.randrange(blocks) * BLOCK
+            if kind == "aligned":
+                buffer[at:at + BLOCK] = bytes(BLOCK)
+            elif kind == "unaligned":
+                start = min(length - BLOCK, at + rng.randrange(1, BLOCK))
+                buffer[start:start + BLOCK] = bytes(BLOCK)
+            elif kind == "first word":
+                buffer[at:at + 8] = bytes(8)
+            else:
+                buffer[blocks * BLOCK:] = bytes(length - blocks * BLOCK)
+        one_data_run = list(convert_module.zero_runs(memoryview(buffer), BLOCK)) == [
+            (0, length, False)]
+        if convert_module._no_zero_block(buffer, length, BLOCK):
+            assert one_data_run, trial
+    data = bytearray(rng.randbytes(64 * BLOCK))
+    data[::BLOCK] = b"\x01" * 64  # no block starts with a zero byte
+    assert convert_module._no_zero_block(data, len(data), BLOCK)
+    data[3 * BLOCK:3 * BLOCK + 8] = bytes(8)  # one starts with a zero word, none is zero
+    assert convert_module._no_zero_block(data, len(data), BLOCK)
+
+
 @pytest.mark.parametrize("head", [bytes(BLOCK), b"\x05" * BLOCK], ids=["zero", "data"])
 @pytest.mark.parametrize("cache", ["writeback", "none"])
 def test_convert_copies_a_short_non_zero_tail_block(tmp_path, head, cache):

@@ -416,20 +416,37 @@ class _Copier:
         return steps
 
 
+#: What _no_zero_block reads of each block first.
+FIRST_WORD = memoryview(bytes(8)).cast("Q")
+
+
 def _no_zero_block(buffer: bytearray, length: int, granularity: int) -> bool:
     """True if ``zero_runs(buffer[:length], granularity)`` is surely one data run.
 
-    The common case for data, so it is worth a shortcut: one
-    ``bytearray.find`` of a zero block (a skipping search, twice as fast as
-    judging block after block in Python, and with fewer bytecodes holding
-    the GIL) proves there is no zero block at any alignment; only a short
-    tail block is left to judge. False means "look block by block": a zero
-    run may still straddle block boundaries without covering a block.
+    The common case for data, so it is worth a shortcut. First the first
+    8-byte word of every block, read in one strided pass (512 words for
+    2 MiB of 4 KiB blocks): if none is zero, no block is (zero_runs judges
+    blocks from the buffer's start). Else one ``bytearray.find`` of a zero
+    block (a skipping search, but through the whole buffer with the GIL
+    held: 14 % of a raw->qcow2 convert's GIL time) proves there is none at
+    any alignment. Only a short tail block is left to judge. False means
+    "look block by block": a zero run may still straddle block boundaries
+    without covering a block.
     """
-    if buffer.find(zero_bytes(granularity), 0, length) >= 0:
-        return False
     tail = length % granularity  # the whole buffer when it is shorter than a block
+    if not _first_words_nonzero(buffer, length - tail, granularity) and (
+            buffer.find(zero_bytes(granularity), 0, length) >= 0):
+        return False  # some block starts with a zero word, and a zero block is there
     return tail == 0 or not is_zero(memoryview(buffer)[length - tail:length])
+
+
+def _first_words_nonzero(buffer: bytearray, whole: int, granularity: int) -> bool:
+    """Whether each ``granularity``-byte block of ``buffer[:whole]`` starts
+    with a nonzero word (False where the words cannot be taken)."""
+    if not whole or granularity % FIRST_WORD.itemsize:
+        return False
+    words = memoryview(buffer)[:whole].cast(FIRST_WORD.format)
+    return 0 not in words[::granularity // FIRST_WORD.itemsize]
 
 
 class _BackgroundFlush:
