@@ -225,6 +225,19 @@ class SimDisk:
                 self.current.extend(bytes(size - old))
             self.cache.append(_CachedOp(min(size, old), None, size))
 
+    def grow(self, size: int) -> int:
+        """Extend to ``size`` if shorter, in one step with respect to writes
+        (which extend under the same lock): a write past ``size`` landing
+        between a size check and a truncate would be cut off. The size before."""
+        self._begin("truncate", size, 0)
+        with self.lock:
+            self._check_alive()
+            old = len(self.current)
+            if size > old:
+                self.current.extend(bytes(size - old))
+                self.cache.append(_CachedOp(old, None, size))
+            return old
+
     def flush(self, drops_seen: int | None = None) -> None:
         """Write the cache back; with ``drops_seen`` (the opener's count of
         dropped caches), fail if a flush dropped the cache since."""
@@ -364,6 +377,12 @@ class SimStorage(Storage):
 
     def _truncate(self, size: int) -> None:
         self._call("truncate", self.disk.truncate, size)
+
+    def _grow(self, size: int) -> int:
+        try:
+            return self.disk.grow(size)
+        except OSError as error:
+            raise StorageError(self.path, "truncate", error) from error
 
     def _zero_range(self, offset: int, length: int) -> bool:
         self._call("write_zeroes", self.disk.write, offset, bytes(length), "zero")

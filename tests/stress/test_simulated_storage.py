@@ -158,6 +158,30 @@ def test_scheduled_requests_complete_in_a_seed_chosen_order(sim):
     assert _race(sim, 1, reorder=False)[0] == [0, 1, 2, 3]  # issue order
 
 
+def test_growing_never_cuts_off_a_racing_write_past_the_new_size(sim):
+    """A grow (write_zeroes past the end, FVD's data growing) racing with a
+    write past the size it grows to: in every completion order the write's
+    data stays. The size check and the growth were two steps, and a write
+    landing between them was cut off (FVD under stress, seed 80265)."""
+    seen: list = []
+
+    def grow_or_write(storage, tag: int) -> None:
+        seen.append(storage)
+        if tag == 0:
+            storage.write(4096, b"x" * SECTOR_SIZE)
+        elif tag == 1:
+            storage.grow_to(1024)
+        elif tag == 2:
+            storage.write_zeroes(1536, 512)
+
+    for seed in range(16):
+        seen.clear()
+        _race(sim, seed, body=grow_or_write)
+        storage = seen[0]
+        assert storage.size() == 4096 + SECTOR_SIZE, seed
+        assert storage.read(4096, SECTOR_SIZE) == b"x" * SECTOR_SIZE, seed
+
+
 def test_scheduler_sees_waits_on_sync_locks(sim):
     lock = sync.Lock()
 
