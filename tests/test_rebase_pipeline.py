@@ -4,6 +4,9 @@ either side ends the rebase with its error (no hang, nothing re-pointed)."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
 import corefmt
@@ -71,9 +74,6 @@ def test_a_progress_callback_that_raises_stops_the_reader_too(tmp_path, monkeypa
     """The caller gives up between chunks (its progress callback raises, as
     Ctrl-C would in ready.get): no buffer is being compared then, so only
     the wake-up in run's cleanup frees a reader waiting for one."""
-    import threading
-    import time
-
     monkeypatch.setattr(rebase_module, "COMPARE_CHUNK", 64 * 1024)  # the reader far ahead
     base, top, _ = _chain(tmp_path)
 

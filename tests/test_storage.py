@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import random
 
 import pytest
 
@@ -325,8 +326,6 @@ def test_the_no_zero_block_shortcut_agrees_with_zero_runs():
     """Whenever the shortcut says "one data run", zero_runs says so too:
     zero blocks aligned and not, blocks that only start with a zero word,
     short tails; and random data takes the shortcut."""
-    import random
-
     rng = random.Random(7)
     for trial in range(300):
         blocks = rng.choice((1, 2, 5, 64))

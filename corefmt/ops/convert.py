@@ -416,8 +416,8 @@ class _Copier:
         return steps
 
 
-#: What _no_zero_block reads of each block first.
-FIRST_WORD = memoryview(bytes(8)).cast("Q")
+#: What _no_zero_block reads of each block first: one native 8-byte word.
+FIRST_WORD_FORMAT, FIRST_WORD_BYTES = "Q", 8
 
 
 def _no_zero_block(buffer: bytearray, length: int, granularity: int) -> bool:
@@ -443,10 +443,10 @@ def _no_zero_block(buffer: bytearray, length: int, granularity: int) -> bool:
 def _first_words_nonzero(buffer: bytearray, whole: int, granularity: int) -> bool:
     """Whether each ``granularity``-byte block of ``buffer[:whole]`` starts
     with a nonzero word (False where the words cannot be taken)."""
-    if not whole or granularity % FIRST_WORD.itemsize:
+    if not whole or granularity % FIRST_WORD_BYTES:
         return False
-    words = memoryview(buffer)[:whole].cast(FIRST_WORD.format)
-    return 0 not in words[::granularity // FIRST_WORD.itemsize]
+    words = memoryview(buffer)[:whole].cast(FIRST_WORD_FORMAT)
+    return 0 not in words[::granularity // FIRST_WORD_BYTES]
 
 
 class _BackgroundFlush:

@@ -36,6 +36,7 @@ import os
 import random
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import attrs
 
@@ -360,9 +361,9 @@ class SimStorage(Storage):
         #: Dropped caches seen at open: a later drop fails this open's flushes.
         self._drops_at_open = disk.cache_drops
 
-    def _call(self, operation: str, function: Callable[..., None], *args: object) -> None:
+    def _call(self, operation: str, function: Callable[..., Any], *args: object) -> Any:
         try:
-            function(*args)
+            return function(*args)
         except OSError as error:
             raise StorageError(self.path, operation, error) from error
 
@@ -379,10 +380,7 @@ class SimStorage(Storage):
         self._call("truncate", self.disk.truncate, size)
 
     def _grow(self, size: int) -> int:
-        try:
-            return self.disk.grow(size)
-        except OSError as error:
-            raise StorageError(self.path, "truncate", error) from error
+        return self._call("truncate", self.disk.grow, size)
 
     def _zero_range(self, offset: int, length: int) -> bool:
         self._call("write_zeroes", self.disk.write, offset, bytes(length), "zero")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from corefmt_qcow2.refcount import Refcounts
 
 import corefmt
 
@@ -70,8 +71,6 @@ def test_a_run_of_new_clusters_is_counted_across_refcount_blocks(tmp_path, bits,
     """One multi-cluster write over many refcount blocks (512-byte clusters:
     a block counts 32 to 4096 clusters): every cluster counted once, whole
     blocks of whole-byte entries set at once rather than entry by entry."""
-    from corefmt_qcow2.refcount import Refcounts
-
     path = str(tmp_path / f"run{bits}.qcow2")
     corefmt.create(path, "qcow2", 64 * MiB, options={"cluster_size": 512,
                                                      "refcount_bits": bits})
@@ -97,8 +96,6 @@ def test_a_run_of_new_clusters_is_counted_across_refcount_blocks(tmp_path, bits,
 def test_a_run_that_is_not_free_is_counted_up_not_overwritten(tmp_path, monkeypatch):
     """Were the search ever to hand out clusters in use, their counts go up
     (as one update each would do), never back to 1."""
-    from corefmt_qcow2.refcount import Refcounts
-
     path = str(tmp_path / "used.qcow2")
     corefmt.create(path, "qcow2", 64 * MiB)
     with corefmt.open(path, "qcow2") as node:

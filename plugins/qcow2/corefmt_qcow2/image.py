@@ -636,12 +636,13 @@ class Qcow2Image(BitmapMethods, Image):
             buffer[offset - region_start:end - region_start] = view[:end - offset]
         l2_table = self.writable_l2(first // epl)
         host = self.allocate_data(first, count)
-        self.check_overlap(host + region_start - first * cs, len(buffer))
+        region_host = host + region_start - first * cs
+        self.check_overlap(region_host, len(buffer))
         if not self.has_data_file and len(buffer) >= ZERO_BEFORE_WRITE_MIN:
             self.context.emit(events.CLUSTER_ALLOC_SPACE)
-            self.data.zero_before_write(host + region_start - first * cs, len(buffer))
+            self.data.zero_before_write(region_host, len(buffer))
         self.context.emit(events.CLUSTER_ALLOC)
-        self.data.write(host + region_start - first * cs, buffer)
+        self.data.write(region_host, buffer)
         self._order_data_before_l2(allocated=True)
         with self.l2_cache.get(l2_table) as handle:
             if not self.extended:  # one pack for the whole run of new entries
