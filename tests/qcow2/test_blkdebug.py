@@ -194,3 +194,26 @@ def test_each_event_is_really_named(tmp_path):
         except CorefmtError:
             failed = True
         assert failed, f"no write failed at {event}"
+
+
+def test_the_zeroing_of_a_new_run_is_a_write_zeroes_request_blkdebug_sees(tmp_path):
+    """A rule for write-zeroes requests only, after cluster_alloc_space,
+    fails the zeroing itself: blkdebug passes zero_before_write through as
+    a request, not to the base class's do-nothing default."""
+    path = str(tmp_path / "image.qcow2")
+    flushed = _fresh(path, "")
+    spec = {"driver": "qcow2",
+            "file": {"driver": "blkdebug",
+                     "inject-error": [{"event": events.CLUSTER_ALLOC_SPACE, "errno": 28,
+                                       "iotype": "write-zeroes", "once": True}],
+                     "image": {"driver": "file", "filename": path}}}
+    with corefmt.open(spec) as disk:
+        with pytest.raises(CorefmtError, match="No space left"):
+            disk.write(4 * MiB, fill(MiB, 3))
+        disk.write(4 * MiB, fill(MiB, 3))  # the rule fired once
+        assert disk.storage.info()["errors-injected"] == 1
+    _qemu_check(path)
+    with corefmt.open(path, "qcow2", read_only=True) as disk:
+        assert disk.read(4 * MiB, MiB) == fill(MiB, 3)
+        for offset, data in flushed.items():
+            assert disk.read(offset, len(data)) == data
