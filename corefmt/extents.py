@@ -91,7 +91,8 @@ class ChainExtent:
         new_start = max(start, self.offset)
         new_end = min(end, self.end)
         host = None if self.host_offset is None else self.host_offset + (new_start - self.offset)
-        return attrs.evolve(self, offset=new_start, length=new_end - new_start, host_offset=host)
+        return ChainExtent(new_start, new_end - new_start, self.data, self.zero, self.depth,
+                           self.node, host, self.compressed, self.host_child)
 
 
 def merge_runs(extents: list) -> list:
