@@ -10,11 +10,13 @@ A short fuzz run is in the default suite; ``-m slow`` runs a long one
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import socket
 import struct
 import subprocess
+import threading
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -31,10 +33,17 @@ from corefmt.flags import RequestFlags
 from corefmt.hookspecs import hookimpl
 from corefmt.nbd import NbdServer, serving
 from corefmt.nbd import protocol as p
+from corefmt.nbd import server as server_module
 from corefmt.nbd.export import MAX_PAYLOAD
 from corefmt.nbd.protocol import Command, CommandFlags, Option, Reply, ReplyType
 from corefmt.nbd.protocol import TransmissionFlags as TF
-from corefmt.nbd.server import MAX_IN_FLIGHT_BYTES, MAX_OPTION_LENGTH
+from corefmt.nbd.server import (
+    MAX_IN_FLIGHT_BYTES,
+    MAX_OPTION_LENGTH,
+    WORKERS,
+    Connection,
+    _Turns,
+)
 from corefmt.storage.file import FileStorageDriver
 from tests.fuzzing import CaseTimeout, time_limit
 from tests.nbd.conftest import IMAGE_SIZE, MiB, expected_bytes, served
@@ -441,13 +450,15 @@ def test_a_4_gib_write_claim_is_refused_without_buffering(raw_image):
 #: The delayed read's range, and how long the delay filter holds it.
 SLOW_OFFSET, SLOW_SECONDS = 0, 1.0
 FAST_OFFSET = 3 * MiB
+#: Reads at these offsets are held SLOW_SECONDS each (one per worker).
+SLOW_OFFSETS = frozenset((SLOW_OFFSET, 4096, 8192, 12288))
 
 
 class _DelayFilter(Filter):
-    """Holds reads that start at SLOW_OFFSET (blkdebug has no delay rule)."""
+    """Holds reads that start at SLOW_OFFSETS (blkdebug has no delay rule)."""
 
     def readinto(self, offset: int, buf: memoryview, flags: RequestFlags) -> None:
-        if offset == SLOW_OFFSET:
+        if offset in SLOW_OFFSETS:
             time.sleep(SLOW_SECONDS)
         super().readinto(offset, buf, flags)
 
@@ -493,6 +504,89 @@ def test_a_fast_read_overtakes_a_delayed_one_on_the_same_connection(delay_filter
         second, error, chunks = client.any_reply()
         assert (second, error) == (slow, 0)
         assert chunks[0][1][p.OFFSET.size:] == REFERENCE[SLOW_OFFSET:SLOW_OFFSET + 4096]
+
+
+def test_slow_requests_are_served_by_every_worker_at_once(delay_filter, raw_image):
+    """As many slow reads as there are workers finish together: each worker
+    that takes over reading leaves another watching (served by fewer, they
+    would take two or more delays)."""
+    assert len(SLOW_OFFSETS) == WORKERS
+    spec = {"driver": "test-delay",
+            "file": {"driver": "raw", "file": {"filename": str(raw_image)}}}
+    with serving(spec, read_only=True) as server, Client(address(server)) as client:
+        client.go()
+        began = time.monotonic()
+        handles = {client.request(Command.NBD_CMD_READ, offset, 4096,
+                                  CommandFlags.NBD_CMD_FLAG_DF): offset
+                   for offset in sorted(SLOW_OFFSETS)}
+        for _ in handles:
+            handle, error, chunks = client.any_reply()
+            offset = handles[handle]
+            assert error == 0
+            assert chunks[0][1][p.OFFSET.size:] == REFERENCE[offset:offset + 4096]
+        assert time.monotonic() - began < 1.8 * SLOW_SECONDS
+
+
+#: Fast reads sent at once in the test below, and how many may change the
+#: serving thread (a take-over when the machine stalls the reader).
+BURST_READS, BURST_DEPTH, MAX_THREAD_CHANGES = 2000, 16, 100
+#: The test's take-over delay: a loaded machine (the suite runs on two
+#: workers) stalls a thread for a millisecond often, for 50 ms seldom.
+BURST_TAKE_OVER_AFTER = 0.05
+
+
+@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img")
+def test_fast_requests_are_served_without_switching_threads(monkeypatch, raw_image):
+    """Fast reads at queue depth 16 are served by the worker that read them,
+    one after the other, with no thread handoff per request (handing each
+    to another thread halved the reads per second). The client is qemu-img
+    bench in its own process, so this process's GIL serves only the server."""
+    served_by: list[int] = []
+    serve = Connection._serve
+
+    def recording(self: Connection, *args: Any) -> None:
+        served_by.append(threading.get_ident())
+        serve(self, *args)
+
+    monkeypatch.setattr(Connection, "_serve", recording)
+    monkeypatch.setattr(server_module, "TAKE_OVER_AFTER", BURST_TAKE_OVER_AFTER)
+    with served(raw_image, read_only=True) as server:
+        uri = f"nbd://127.0.0.1:{server.port}"
+        subprocess.run(["qemu-img", "bench", "-f", "raw", "-c", str(BURST_READS),
+                        "-d", str(BURST_DEPTH), "-s", "4096", "-S", "1052672", uri],
+                       check=True, capture_output=True, timeout=60)
+    changes = sum(a != b for a, b in itertools.pairwise(served_by))
+    assert len(served_by) >= BURST_READS
+    assert changes <= MAX_THREAD_CHANGES, f"{changes} thread changes in {len(served_by)}"
+
+
+def test_an_idle_connections_watcher_sleeps_until_the_next_request(monkeypatch):
+    """The watching worker polls while requests come, and stops polling once
+    the connection is idle; the next request wakes it."""
+    monkeypatch.setattr(server_module, "IDLE_AFTER", 0.05)
+    turns = _Turns()
+    with turns.changed:
+        assert turns.claim()  # the first worker reads
+    claimed = threading.Event()
+
+    def watch() -> None:
+        with turns.changed:
+            if turns.claim():
+                claimed.set()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    deadline = time.monotonic() + 5
+    while not turns.asleep and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert turns.asleep, "the watcher still polls an idle connection"
+    assert turns.watching and not claimed.is_set()
+    with turns.changed:
+        turns.leave()  # a request came; its reader is busy serving it
+    assert claimed.wait(5), "the watcher did not take over"
+    assert not turns.asleep
+    turns.end(None)
+    watcher.join(5)
 
 
 # -- FVD with copy-on-read over NBD ----------------------------------------------------------
