@@ -58,9 +58,6 @@ from corefmt.filters import Filter, FilterContext, FilterDriver, StorageFilterDr
 from corefmt.flags import RequestFlags
 from corefmt.hookspecs import hookimpl
 from corefmt.limits import Limits
-from corefmt.ops.compare import CompareResult, compare_nodes
-from corefmt.ops.convert import convert
-from corefmt.ops.create import create
 from corefmt.options import NoOptions, choice, option, to_bool, to_size
 from corefmt.plugins import PluginWarning
 from corefmt.storage import Storage, StorageDriver
@@ -69,13 +66,18 @@ if TYPE_CHECKING:
     from corefmt.cache import MetadataCache, TableHandle
     from corefmt.fills import FillPolicy, PrefetchTuning
     from corefmt.ops.commit import CommitResult
+    from corefmt.ops.compare import CompareResult
+    from corefmt.ops.convert import convert
+    from corefmt.ops.create import create
     from corefmt.ops.prefetch import PrefetchStatus
     from corefmt.ops.stream import StreamResult
 
-#: Names imported on first use: the CLI does not need them to start.
+#: Names imported on first use: a command imports only what it uses.
 _LAZY = {"MetadataCache": "corefmt.cache", "TableHandle": "corefmt.cache",
          "FillPolicy": "corefmt.fills", "PrefetchTuning": "corefmt.fills",
-         "PrefetchStatus": "corefmt.ops.prefetch"}
+         "PrefetchStatus": "corefmt.ops.prefetch", "CompareResult": "corefmt.ops.compare",
+         "compare_nodes": "corefmt.ops.compare",
+         "convert": "corefmt.ops.convert", "create": "corefmt.ops.create"}
 
 __all__ = [
     "PROBE_CERTAIN",
@@ -282,6 +284,8 @@ def bitmap(image: str | Mapping[str, Any], name: str,
 def compare(a: str, b: str, *, a_format: str | None = None, b_format: str | None = None,
             strict: bool = False) -> CompareResult:
     """Compare two images' guest-visible content (qemu-img compare)."""
+    from corefmt.ops.compare import compare_nodes
+
     with open_chain(a, a_format, read_only=True) as first, \
             open_chain(b, b_format, read_only=True) as second:
         return compare_nodes(first, second, strict=strict)

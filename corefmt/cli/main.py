@@ -19,13 +19,11 @@ from corefmt.errors import CorefmtError
 from corefmt.ops import info as info_op
 from corefmt.ops import map as map_op
 from corefmt.ops import measure as measure_op
-from corefmt.ops.compare import CompareError, compare_nodes
-from corefmt.ops.convert import (
+from corefmt.ops.convert_settings import (
     CACHE_MODES,
     DEFAULT_CACHE_MODE,
     DEFAULT_WORKERS,
     RATE_LIMIT_INVALID,
-    convert,
 )
 from corefmt.ops.create import create, create_option_help
 from corefmt.options import option_help, parse_option_string
@@ -188,6 +186,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         if not args.quiet:
             sys.stderr.write(f"{PROGRAM}: warning: {message}\n")
 
+    from corefmt.ops.convert import convert
+
     with progress_for(args, "convert") as progress:
         convert(_image(args, "source", args.format), args.target, source_format=args.format,
                 allow_protocols=_protocols(args), force_share=args.force_share,
@@ -218,6 +218,8 @@ def parse_rate_limit(text: str | None) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     """qemu-img compare: 0 identical, 1 different, 2 an image cannot be
     opened, 3 block status cannot be found, 4 data cannot be read."""
+    from corefmt.ops.compare import CompareError
+
     try:
         second_format = args.second_format or args.format
         protocols = _protocols(args)
@@ -241,6 +243,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace, first, second, progress) -> int:
     """Compare and print as qemu-img does, its messages between progress lines."""
+    from corefmt.ops.compare import compare_nodes
+
     quiet = args.quiet
 
     def say(line: str) -> None:

@@ -20,7 +20,7 @@ from corefmt.block.node import BlockNode
 from corefmt.credentials import without_credentials
 from corefmt.driver import FormatDriver, accepts_keyword
 from corefmt.errors import CorefmtError, OptionError
-from corefmt.ops.convert import CACHE_MODES
+from corefmt.ops.convert_settings import CACHE_MODES
 from corefmt.ops.measure import _typed, split_options
 from corefmt.options import KIND_SIZE, KIND_STRING, OptionHelp, option_help_entries
 from corefmt.registry import Registry

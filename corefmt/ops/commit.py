@@ -36,7 +36,7 @@ from corefmt.driver import supports
 from corefmt.errors import CorefmtError
 from corefmt.filters.throttle import RateLimit
 from corefmt.ops.backing import find_layer
-from corefmt.ops.convert import CACHE_MODES
+from corefmt.ops.convert_settings import CACHE_MODES
 from corefmt.registry import Registry
 
 ProgressFn = Callable[[int, int], None]

@@ -15,7 +15,7 @@ import attrs
 from corefmt.block.node import BlockNode
 from corefmt.buffers import first_difference
 from corefmt.errors import CorefmtError, StorageError
-from corefmt.ops.convert import chain_extents
+from corefmt.ops.status_walk import chain_extents
 
 COMPARE_BUFFER_SIZE = 2 * 1024 * 1024
 #: qemu-img compare's exit statuses for failures after both images opened.

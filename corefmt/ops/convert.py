@@ -28,70 +28,33 @@ from corefmt.block.node import BlockNode
 from corefmt.buffers import is_zero, zero_bytes
 from corefmt.driver import supports
 from corefmt.errors import CorefmtError, OptionError, error_reason
-from corefmt.extents import ChainExtent
 from corefmt.filters.throttle import RateLimit
 from corefmt.flags import RequestFlags
+from corefmt.ops.convert_settings import (
+    CACHE_MODES,
+    DEFAULT_CACHE_MODE,
+    DEFAULT_WORKERS,
+    RATE_LIMIT_INVALID,
+)
 from corefmt.ops.create import GENERIC_SIZE_KEY, create
+
+# Re-exported: plugins import chain_extents from here (it lived here before).
+from corefmt.ops.status_walk import chain_extents
 from corefmt.options import parse_option_string
 from corefmt.registry import Registry
 from corefmt.storage import locking
 
 DEFAULT_BUFFER_SIZE = 2 * 1024 * 1024
 DEFAULT_SPARSE_SIZE = 4096
-#: Requests in flight: one per core (measured on 2 cores: 4 workers were 10-15%
-#: slower than 2 from page cache, the extra threads contending on the file).
-MIN_WORKERS, MAX_WORKERS = 2, 8
-DEFAULT_WORKERS = max(MIN_WORKERS, min(MAX_WORKERS, os.cpu_count() or MIN_WORKERS))
-#: Block status is asked for in windows, the first of this size. A window
-#: that comes back with at most SPARSE_WINDOW_EXTENTS extents doubles the
-#: next one, so a hole of any size is crossed in a number of requests that
-#: grows with the log of its size, not with the size (each request is an
-#: lseek or a table lookup per extent); one with more than
-#: DENSE_WINDOW_EXTENTS starts again from this size (bounds the extent list).
-STATUS_WINDOW = 1024 * 1024 * 1024
-SPARSE_WINDOW_EXTENTS = 64
-DENSE_WINDOW_EXTENTS = 4096
 #: convert flushes the target in the background each time this many bytes
 #: have been copied since the last flush started (see _BackgroundFlush).
 FLUSH_INTERVAL = 128 * 1024 * 1024
-#: qemu-img's cache modes for the target: (O_DIRECT, flush at all).
-#: qemu-img convert defaults to "unsafe"; corefmt defaults to "writeback", so
-#: a finished convert is on disk unless the caller says it need not be.
-CACHE_MODES: dict[str, tuple[bool, bool]] = {
-    "writeback": (False, True),
-    "writethrough": (False, True),
-    "none": (True, True),
-    "directsync": (True, True),
-    "unsafe": (False, False),
-}
-DEFAULT_CACHE_MODE = "writeback"
 #: Compressing threads per request in flight for convert -c (see _copy_compressed).
 COMPRESS_THREADS_PER_REQUEST = 2
 #: qemu-img convert -c's refusal for a format that cannot compress.
 COMPRESSION_UNSUPPORTED = "Compression not supported for this file format"
 
 ProgressFn = Callable[[int, int], None]
-
-
-def chain_extents(node: BlockNode, start: int = 0, end: int | None = None, *,
-                  base: BlockNode | None = None) -> Iterator[ChainExtent]:
-    """The chain's block status over [start, end), asked for in windows that
-    grow over sparse ranges (see STATUS_WINDOW): the cost follows the number
-    of extents, not the virtual size. With ``base``, only the layers above
-    it (ranges none of them decides have ``node`` None and are not zero)."""
-    end = node.virtual_size if end is None else end
-    window = STATUS_WINDOW
-    position = start
-    while position < end:
-        window_end = min(end, position + window)
-        extents = (node.block_status(position, window_end - position) if base is None
-                   else node.block_status_above(base, position, window_end - position))
-        yield from extents
-        position = window_end
-        if len(extents) <= SPARSE_WINDOW_EXTENTS:
-            window *= 2
-        elif len(extents) > DENSE_WINDOW_EXTENTS:
-            window = STATUS_WINDOW
 
 
 @attrs.frozen
@@ -587,12 +550,6 @@ def convert(source: str | Mapping[str, Any], target: str, *, source_format: str 
                 _copy_bitmaps(src, dst, bitmap_copy)
             if durable:
                 dst.flush()
-
-
-#: qemu-img's two-line refusal of a bad -r (the CLI prints both lines).
-RATE_LIMIT_INVALID = ("Invalid rate limit specified. You may use k, M, G, T, P or E suffixes "
-                      "for\nkilobytes, megabytes, gigabytes, terabytes, petabytes and "
-                      "exabytes.")
 
 
 def _layout_follows_writes(node: BlockNode) -> bool:

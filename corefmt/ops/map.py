@@ -8,7 +8,7 @@ from typing import Any
 from corefmt.block.node import BlockNode
 from corefmt.errors import CorefmtError
 from corefmt.extents import ChainExtent
-from corefmt.ops.convert import chain_extents
+from corefmt.ops.status_walk import chain_extents
 
 
 def map_entries(node: BlockNode) -> Iterator[dict[str, Any]]:

@@ -33,7 +33,7 @@ from corefmt.errors import CorefmtError
 from corefmt.flags import RequestFlags
 from corefmt.limits import Limits
 from corefmt.ops.backing import change_backing, drop_backing, find_layer, same_file
-from corefmt.ops.convert import CACHE_MODES
+from corefmt.ops.convert_settings import CACHE_MODES
 from corefmt.registry import Registry
 
 ProgressFn = Callable[[int, int], None]

@@ -35,7 +35,6 @@ from corefmt_qcow2.layout import (
     Header,
     feature_table,
 )
-from corefmt_qcow2.measure import measure as measure_qcow2
 from corefmt_qcow2.options import Qcow2AmendOptions, Qcow2CreateOptions, Qcow2OpenOptions
 from corefmt_qcow2.preallocate import preallocate
 from corefmt_qcow2.refcount import set_refcount
@@ -120,7 +119,9 @@ class Qcow2Driver(FormatDriver):
     def measure(self, size: int, options: Qcow2CreateOptions, source: Any,
                 backing: BackingRef | None = None) -> MeasureResult:
         """qemu-img measure -O qcow2 (``backing``: the -o backing_file)."""
-        return measure_qcow2(size, options, source, backing)
+        from corefmt_qcow2.measure import measure  # only measure needs it (and convert's walk)
+
+        return measure(size, options, source, backing)
 
 
 def new_header(options: Qcow2CreateOptions, backing: BackingRef | None) -> Header:
