@@ -261,3 +261,40 @@ def test_last_partial_block_of_an_odd_sized_image_is_writable(blockmap, tmp_path
         assert disk.request_alignment == 512
         disk.write(900, b"t" * 100)  # the aligned block runs past the end
         assert disk.read(890, 110) == bytes(10) + b"t" * 100
+
+
+def test_a_read_that_waited_for_a_shrinking_truncate_is_refused(tmp_path):
+    """A read past the new end, started while a truncate shrinks the image,
+    waits for it and then fails as out of range (it must not read zeros
+    from beyond the end, or fail as a driver error)."""
+    import threading
+    import time
+
+    path = tmp_path / "shrink.raw"
+    path.write_bytes(b"\x55" * MiB)
+    node = corefmt.open(str(path), "raw")
+    image = node.layer().image
+    real_truncate = image.truncate
+    truncating = threading.Event()
+
+    def slow_truncate(size, *args, **kwargs):
+        truncating.set()
+        time.sleep(0.3)  # the read below starts meanwhile and waits
+        return real_truncate(size, *args, **kwargs)
+
+    image.truncate = slow_truncate
+    outcome: dict[str, object] = {}
+
+    def read_past_new_end() -> None:
+        truncating.wait(5)
+        try:
+            outcome["data"] = node.read(768 * 1024, 4096)
+        except Exception as error:  # the test looks at which
+            outcome["error"] = error
+
+    reader = threading.Thread(target=read_past_new_end)
+    reader.start()
+    node.truncate(512 * 1024)
+    reader.join(5)
+    node.close()
+    assert isinstance(outcome.get("error"), RangeError), outcome

@@ -228,10 +228,6 @@ class ImageNode(BlockNode):
         self._check_range(offset, length)
         if length == 0:
             return []
-        return self._chain_status(offset, length)
-
-    def _chain_status(self, offset: int, length: int) -> list[ChainExtent]:
-        """block_status of a checked, non-empty range (reads ask it once each)."""
         if self._status_cache is not None:
             return self._status_cache.lookup(offset, length)
         result: list[ChainExtent] = []
@@ -408,8 +404,10 @@ class ImageNode(BlockNode):
                              view[extent.offset - offset:extent.end - offset])
 
     def _read_extents(self, offset: int, view: memoryview) -> list[ChainExtent]:
-        """Fill ``view`` from the chain; the caller holds the tracked range."""
-        extents = self._chain_status(offset, len(view)) if len(view) else []
+        """Fill ``view`` from the chain; the caller holds the tracked range.
+        (block_status checks the range again: a truncate the caller waited
+        for may have shrunk the image since readinto checked it.)"""
+        extents = self.block_status(offset, len(view))
         for extent in extents:
             part = view[extent.offset - offset:extent.end - offset]
             if extent.node is None or extent.zero:
