@@ -55,7 +55,8 @@ WORKERS = 4
 #: starts reading the requests behind it.
 TAKE_OVER_AFTER = 0.001
 #: Seconds without a request after which the watching worker stops polling
-#: (an idle connection costs no CPU; the next request wakes it).
+#: (an idle connection costs no CPU; the next request wakes it). Before
+#: that its polls space out: each waits half the time since the last request.
 IDLE_AFTER = 1.0
 MAX_IN_FLIGHT_BYTES = 2 * MAX_PAYLOAD
 #: How often the accept loop looks whether it should stop.
@@ -122,8 +123,10 @@ class _Turns:
     serving for TAKE_OVER_AFTER, the watcher takes over reading, and a
     third worker becomes the watcher. Slow requests (a remote base, a
     flush) are thus served in parallel, up to WORKERS at a time, while
-    fast ones cost no thread switch. The watcher polls only while requests
-    come; an idle connection's watcher sleeps until the next one.
+    fast ones cost no thread switch. The watcher polls every
+    TAKE_OVER_AFTER while requests come quickly, less often as they come
+    more slowly, and not at all once the connection is idle; the next
+    request wakes a watcher that waits longer than TAKE_OVER_AFTER.
     """
 
     def __init__(self) -> None:
@@ -131,16 +134,19 @@ class _Turns:
         self.reading = False    # a worker holds the reader's role
         self.left_at = 0.0      # when the reader left the role to serve a request
         self.last_request = 0.0
+        self.started = False    # a worker has taken the role once
         self.watching = False   # a worker waits to take the role over ...
-        self.asleep = False     # ... without polling (the connection was idle)
+        self.asleep = False     # ... longer than TAKE_OVER_AFTER (requests were slow)
         self.ending = False
         self.reason: BaseException | None = None
 
-    def claim(self) -> bool:
+    def claim(self, returning: bool) -> bool:
         """Wait for the reader's role (called with ``changed`` held); False
-        once the connection is ending."""
-        if not self.reading and not self.ending:
-            self.reading = True  # free: a worker back from serving takes it at once
+        once the connection is ending. A worker ``returning`` from serving
+        takes a free role at once (as the first worker does); one starting
+        late watches, or the workers would alternate."""
+        if not self.reading and not self.ending and (returning or not self.started):
+            self.reading = self.started = True
             return True
         while self.watching and not self.ending:
             self.changed.wait()
@@ -156,11 +162,11 @@ class _Turns:
                         self.reading = True
                         return True
                     timeout: float | None = TAKE_OVER_AFTER - busy
-                elif now - self.last_request >= IDLE_AFTER:
+                elif (quiet := now - self.last_request) >= IDLE_AFTER:
                     timeout = None
                 else:
-                    timeout = TAKE_OVER_AFTER
-                self.asleep = timeout is None
+                    timeout = max(TAKE_OVER_AFTER, quiet / 2)
+                self.asleep = timeout is None or timeout > TAKE_OVER_AFTER
                 self.changed.wait(timeout)
             return False
         finally:
@@ -445,9 +451,10 @@ class Connection:
 
     def _take_turns(self, inbox: _Inbox, budget: _Budget, turns: _Turns) -> None:
         changed = turns.changed
+        returning = False
         while True:
             with changed:
-                if not turns.claim():
+                if not turns.claim(returning):
                     return
             try:
                 taken = self._next_request(inbox, budget)
@@ -460,6 +467,7 @@ class Connection:
             with changed:
                 turns.leave()
             self._serve(*taken, budget)
+            returning = True
 
     def _next_request(self, inbox: _Inbox, budget: _Budget
                       ) -> tuple[p.Request, bytearray | None, int] | None:

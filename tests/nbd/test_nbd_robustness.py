@@ -560,29 +560,63 @@ def test_fast_requests_are_served_without_switching_threads(monkeypatch, raw_ima
     assert changes <= MAX_THREAD_CHANGES, f"{changes} thread changes in {len(served_by)}"
 
 
-def test_an_idle_connections_watcher_sleeps_until_the_next_request(monkeypatch):
-    """The watching worker polls while requests come, and stops polling once
-    the connection is idle; the next request wakes it."""
-    monkeypatch.setattr(server_module, "IDLE_AFTER", 0.05)
+def test_a_worker_back_from_serving_reads_next_and_a_late_one_watches(monkeypatch):
+    """The worker back from serving takes the free role at once; a worker
+    that starts late takes it only once the reader has been busy for
+    TAKE_OVER_AFTER (else two workers would alternate on fast requests)."""
+    monkeypatch.setattr(server_module, "TAKE_OVER_AFTER", 0.2)
     turns = _Turns()
     with turns.changed:
-        assert turns.claim()  # the first worker reads
+        assert turns.claim(returning=False)  # the first worker
+        turns.leave()
+        began = time.monotonic()
+        assert turns.claim(returning=False)  # a late starter: watches first
+        assert time.monotonic() - began >= 0.2
+        turns.leave()
+        began = time.monotonic()
+        assert turns.claim(returning=True)
+        assert time.monotonic() - began < 0.1
+
+
+#: Polls the watcher may make in the 50 ms before it sleeps: spaced out
+#: (each waits half the time since the last request) they are about 6.
+MAX_IDLE_POLLS = 20
+
+
+def test_an_idle_connections_watcher_polls_less_and_then_sleeps(monkeypatch):
+    """While no request comes, the watching worker polls less and less
+    often, then stops polling; the next request wakes it."""
+    monkeypatch.setattr(server_module, "IDLE_AFTER", 0.05)
+    turns = _Turns()
+    waits: list[float | None] = []
+    wait = turns.changed.wait
+
+    def recording_wait(timeout: float | None = None) -> bool:
+        waits.append(timeout)
+        return wait(timeout)
+
+    turns.changed.wait = recording_wait  # type: ignore[method-assign]
+    with turns.changed:
+        assert turns.claim(returning=False)  # the first worker reads (waits in recv)
+        turns.last_request = time.monotonic()  # a request came just now
     claimed = threading.Event()
 
     def watch() -> None:
         with turns.changed:
-            if turns.claim():
+            if turns.claim(returning=False):
                 claimed.set()
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     deadline = time.monotonic() + 5
-    while not turns.asleep and time.monotonic() < deadline:
+    while None not in waits and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert turns.asleep, "the watcher still polls an idle connection"
+    assert None in waits, "the watcher still polls an idle connection"
+    polls = waits.index(None)
+    assert 0 < polls <= MAX_IDLE_POLLS, waits
     assert turns.watching and not claimed.is_set()
     with turns.changed:
-        turns.leave()  # a request came; its reader is busy serving it
+        turns.leave()  # the reader read a request and is busy serving it
     assert claimed.wait(5), "the watcher did not take over"
     assert not turns.asleep
     turns.end(None)
