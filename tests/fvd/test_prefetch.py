@@ -281,14 +281,19 @@ def test_a_failed_store_is_not_held_up_by_a_pause_of_the_reader(tmp_path):
             raise corefmt.StorageError(str(top), "write", OSError(5, "Input/output error"))
 
         real_read_below = layer.read_below
+        # Each read takes 5 ms on the prefetcher's clock, whatever the machine's
+        # load: the second (not the first, as a slow real read could) fills
+        # the window, so the pause comes after the first piece is handed over.
+        now = [time.monotonic()]
 
         def slow_read_below(offset, length):
-            time.sleep(0.005)  # one read fills a throughput window: below the floor
+            now[0] += 0.005
             return real_read_below(offset, length)
 
         layer.copy_up = failing_copy_up
         layer.read_below = slow_read_below
-        prefetcher = Prefetcher(node, tuning, rng=random.Random(1))  # first coin: pause
+        prefetcher = Prefetcher(node, tuning, rng=random.Random(1),  # first coin: pause
+                                clock=lambda: now[0])
         began = time.monotonic()
         with pytest.raises(corefmt.StorageError):
             prefetcher.run()
