@@ -99,9 +99,10 @@ class _Budget:
     def acquire(self, size: int) -> None:
         if not size:
             return
+        need = min(size, self._total)
         with self._condition:
-            if self._free < min(size, self._total):
-                self._condition.wait_for(lambda: self._free >= min(size, self._total))
+            if self._free < need:
+                self._condition.wait_for(lambda: self._free >= need)
             self._free -= size
 
     def release(self, size: int) -> None:
@@ -132,8 +133,7 @@ class _Turns:
     def __init__(self) -> None:
         self.changed = threading.Condition()
         self.reading = False    # a worker holds the reader's role
-        self.left_at = 0.0      # when the reader left the role to serve a request
-        self.last_request = 0.0
+        self.left_at = 0.0      # when the reader last left the role to serve a request
         self.started = False    # a worker has taken the role once
         self.watching = False   # a worker waits to take the role over ...
         self.asleep = False     # ... longer than TAKE_OVER_AFTER (requests were slow)
@@ -162,7 +162,7 @@ class _Turns:
                         self.reading = True
                         return True
                     timeout: float | None = TAKE_OVER_AFTER - busy
-                elif (quiet := now - self.last_request) >= IDLE_AFTER:
+                elif (quiet := now - self.left_at) >= IDLE_AFTER:
                     timeout = None
                 else:
                     timeout = max(TAKE_OVER_AFTER, quiet / 2)
@@ -176,7 +176,7 @@ class _Turns:
     def leave(self) -> None:
         """The reader goes to serve what it read (called with ``changed`` held)."""
         self.reading = False
-        self.left_at = self.last_request = time.monotonic()
+        self.left_at = time.monotonic()
         if self.asleep:
             self.changed.notify_all()
 

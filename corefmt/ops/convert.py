@@ -37,9 +37,7 @@ from corefmt.ops.convert_settings import (
     RATE_LIMIT_INVALID,
 )
 from corefmt.ops.create import GENERIC_SIZE_KEY, create
-
-# Re-exported: plugins import chain_extents from here (it lived here before).
-from corefmt.ops.status_walk import chain_extents
+from corefmt.ops.status_walk import chain_extents  # plugins import it from here too
 from corefmt.options import parse_option_string
 from corefmt.registry import Registry
 from corefmt.storage import locking

@@ -598,7 +598,7 @@ def test_an_idle_connections_watcher_polls_less_and_then_sleeps(monkeypatch):
     turns.changed.wait = recording_wait  # type: ignore[method-assign]
     with turns.changed:
         assert turns.claim(returning=False)  # the first worker reads (waits in recv)
-        turns.last_request = time.monotonic()  # a request came just now
+        turns.left_at = time.monotonic()  # a request came just now
     claimed = threading.Event()
 
     def watch() -> None:
