@@ -98,6 +98,22 @@ def _wait_for_new_lock(path: str | Path, before: int, process: subprocess.Popen)
         time.sleep(POLL_INTERVAL)
 
 
+def _wait_until_open(path: str | Path, before: int, process: subprocess.Popen) -> None:
+    """qemu-io answers a command only after its open is done, every lock
+    taken (its first lock alone is no sign: it takes them one by one, and a
+    snapshot between two missed one of them under load)."""
+    assert process.stdin is not None and process.stdout is not None
+    process.stdin.write("length\n")
+    process.stdin.flush()
+    answered, _, _ = select.select([process.stdout], [], [], START_TIMEOUT)
+    if not answered:
+        raise AssertionError(f"holder did not open {path}")
+    if not process.stdout.readline():
+        raise AssertionError(f"holder exited: {process.communicate()[1]}")
+    if len(lock_entries(path)) <= before:
+        raise AssertionError(f"holder did not lock {path}")
+
+
 def _stop(process: subprocess.Popen) -> None:
     """End a holder of ours: EOF on its stdin, then a kill if it lingers."""
     with contextlib.suppress(OSError):
@@ -122,10 +138,10 @@ def qemu_holding(path: str | Path, args: list[str]) -> Iterator[subprocess.Popen
     assert QEMU_IO is not None
     before = len(lock_entries(path))
     process = subprocess.Popen([QEMU_IO, *args], stdin=subprocess.PIPE,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=ENV)
     try:
-        _wait_for_new_lock(path, before, process)
+        _wait_until_open(path, before, process)
         yield process
     finally:
         _stop(process)
